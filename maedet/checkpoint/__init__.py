@@ -1,0 +1,1 @@
+from .io import atomic_save, load_checkpoint_file  # noqa: F401

@@ -1,0 +1,92 @@
+"""Reading and writing checkpoint files safely.
+
+``atomic_save`` writes to a temporary file in the target directory, fsyncs it and
+renames it over the target, so a reader (or a crash) never sees a half-written
+file. ``load_checkpoint_file`` turns every way a file can be wrong into one
+:class:`~maedet.errors.CheckpointError` naming the file.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from typing import Any, Optional
+
+import torch
+
+from maedet.errors import CheckpointError
+from maedet.fileio import atomic_write
+
+__all__ = ["atomic_write", "atomic_save", "load_checkpoint_file"]
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` atomically (see :func:`atomic_write`)."""
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+
+
+def load_checkpoint_file(path: str, map_location: Any = "cpu", weights_only: Optional[bool] = True) -> Any:
+    """Load a ``torch.save`` file (or a detectron2 ``.pkl``) with clear errors.
+
+    Args:
+        path: file to read.
+        map_location: as for ``torch.load``.
+        weights_only: load with PyTorch's safe unpickler (default). Files that
+            need arbitrary unpickling are refused with a message saying so; pass
+            ``False`` only for files from a trusted source.
+    Raises:
+        CheckpointError: missing, empty, truncated, not a checkpoint, or unsafe.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+    if path.endswith(".pkl"):
+        try:
+            with open(path, "rb") as f:
+                if weights_only:
+                    return _RestrictedNumpyUnpickler(f).load()
+                return pickle.load(f, encoding="latin1")
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"cannot read pickle checkpoint {path}: {e}") from e
+    try:
+        return torch.load(path, map_location=map_location, weights_only=bool(weights_only))
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if weights_only and ("Weights only load failed" in msg or "weights_only" in msg):
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects that the safe loader refuses; "
+                "if you trust its source, load it with weights_only=False "
+                "(tools: --trust-checkpoint)"
+            ) from e
+        raise CheckpointError(f"not a valid checkpoint: {path} ({msg.splitlines()[0] if msg else e})") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({first})") from e
+
+
+class _RestrictedNumpyUnpickler(pickle.Unpickler):
+    """Unpickler for detectron2 model-zoo ``.pkl`` files: dicts of numpy arrays only."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("collections", "OrderedDict"),
+    }
+
+    def __init__(self, f):
+        super().__init__(f, encoding="latin1")
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to unpickle {module}.{name}: only numpy arrays are allowed in a .pkl checkpoint"
+        )

@@ -1,0 +1,394 @@
+"""Iteration-based training loop shared by MAE pretraining and detection training.
+
+The loop owns what every run needs: device placement, DDP, AMP (bf16, or fp16
+with a gradient scaler), gradient accumulation and clipping, the per-iteration
+lr schedule, non-finite loss handling, progress and metric logs, periodic
+atomic checkpoints, exact resume and SIGTERM handling. What a batch means is
+given by ``loss_fn(model, batch) -> {name: scalar loss}``.
+
+Exact resume: the checkpoint holds the model, optimizer, scaler, iteration,
+number of samples consumed and every rank's RNG states. The data loader is
+rebuilt from ``samples_seen`` by ``loader_fn``, whose sampler derives each
+sample's index and augmentation seed from its global position only, so the
+continuation is the same batch stream an uninterrupted run would see.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import sys
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from maedet.checkpoint.checkpointer import Checkpointer
+from maedet.engine import distributed as du
+from maedet.engine.events import MetricsWriter, format_seconds
+from maedet.engine.schedule import LRSchedule
+from maedet.errors import TrainingError
+
+__all__ = ["Trainer", "HookBase", "get_rng_state", "set_rng_state", "unwrap_model"]
+
+logger = logging.getLogger("maedet")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    while isinstance(model, DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, DistributedDataParallel) else model._orig_mod
+    return model
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """This process's RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class HookBase:
+    """Called by :class:`Trainer` around training. ``trainer.iter`` is the number
+    of completed iterations when ``after_step`` runs."""
+
+    def before_train(self, trainer: "Trainer") -> None:
+        pass
+
+    def after_step(self, trainer: "Trainer") -> None:
+        pass
+
+    def after_train(self, trainer: "Trainer") -> None:
+        pass
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+class _AMP:
+    def __init__(self, mode: str, device: torch.device):
+        if mode not in ("off", "bf16", "fp16"):
+            raise ValueError(f"train.amp must be off, bf16 or fp16, got '{mode}'")
+        self.mode = mode
+        self.device_type = device.type
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=(mode == "fp16"))
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+class Trainer:
+    """Runs ``max_iter`` iterations of ``loss_fn`` over batches from ``loader_fn``.
+
+    Args:
+        model: the module to train (already on ``device``); wrapped in DDP here
+            when the process group has more than one process.
+        optimizer: optimizer whose groups carry ``lr_scale`` (see
+            :func:`maedet.engine.optim.param_groups`).
+        loader_fn: ``loader_fn(start_sample) -> iterable of batches`` for this
+            rank, starting at global sample position ``start_sample``.
+        loss_fn: ``loss_fn(model, batch, device) -> dict of scalar losses``.
+        schedule: lr multiplier per iteration.
+        peak_lr: lr at multiplier 1 (before each group's ``lr_scale``).
+        max_iter: number of optimizer steps.
+        samples_per_iter: global samples consumed per iteration
+            (batch per process x processes x accumulation steps).
+        output_dir: where logs and checkpoints go.
+        device: compute device.
+        amp: ``off`` | ``bf16`` | ``fp16``.
+        accum_steps: micro-batches per optimizer step.
+        clip_grad_norm: max global grad norm (0 = no clipping).
+        checkpoint_period: save every N iterations (0 = only at the end / on SIGTERM).
+        log_period: log every N iterations.
+        max_to_keep: periodic checkpoints kept on disk.
+        nonfinite: ``stop`` raises on a NaN/inf loss naming the iteration and
+            term; ``skip`` drops that step and counts it.
+        hooks: :class:`HookBase` objects.
+        extra_state: extra picklable-by-weights entries stored in checkpoints.
+        ddp_kwargs: passed to ``DistributedDataParallel``.
+        ddp_grad_compression: ``none`` | ``bf16`` | ``fp16`` communication hook.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader_fn: Callable[[int], Iterable],
+        loss_fn: Callable[[nn.Module, Any, torch.device], Dict[str, torch.Tensor]],
+        schedule: LRSchedule,
+        peak_lr: float,
+        max_iter: int,
+        samples_per_iter: int,
+        output_dir: str,
+        device: torch.device,
+        amp: str = "off",
+        accum_steps: int = 1,
+        clip_grad_norm: float = 0.0,
+        checkpoint_period: int = 1000,
+        log_period: int = 20,
+        max_to_keep: int = 2,
+        nonfinite: str = "stop",
+        hooks: Sequence[HookBase] = (),
+        extra_state: Optional[Dict[str, Any]] = None,
+        ddp_kwargs: Optional[Dict[str, Any]] = None,
+        ddp_grad_compression: str = "none",
+        images_per_sample: int = 1,
+    ):
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.nonfinite must be stop or skip, got '{nonfinite}'")
+        self.device = device
+        self.model = model
+        if du.get_world_size() > 1:
+            kwargs = dict(ddp_kwargs or {})
+            kwargs.setdefault("gradient_as_bucket_view", True)
+            if device.type == "cuda":
+                kwargs.setdefault("device_ids", [device.index if device.index is not None else 0])
+            self.model = DistributedDataParallel(model, **kwargs)
+            if ddp_grad_compression != "none":
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                hook = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
+                self.model.register_comm_hook(None, hook[ddp_grad_compression])
+        self.optimizer = optimizer
+        self.loader_fn = loader_fn
+        self.loss_fn = loss_fn
+        self.schedule = schedule
+        self.peak_lr = peak_lr
+        self.max_iter = max_iter
+        self.samples_per_iter = samples_per_iter
+        self.output_dir = output_dir
+        self.amp = _AMP(amp, device)
+        self.accum_steps = max(1, accum_steps)
+        self.clip_grad_norm = clip_grad_norm
+        self.checkpoint_period = checkpoint_period
+        self.log_period = max(1, log_period)
+        self.nonfinite = nonfinite
+        self.hooks = list(hooks)
+        self.extra_state = extra_state or {}
+        self.images_per_sample = images_per_sample
+        self.checkpointer = Checkpointer(output_dir, max_to_keep, save_enabled=du.is_main_process())
+        self.iter = 0
+        self.samples_seen = 0
+        self.skipped_steps = 0
+        self.last_losses: Dict[str, float] = {}
+        self._stop_signal: Optional[int] = None
+        self.metrics: Optional[MetricsWriter] = None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        rng = du.all_gather_object(get_rng_state())
+        return {
+            "model": unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.amp.scaler.state_dict(),
+            "iter": self.iter,
+            "samples_seen": self.samples_seen,
+            "skipped_steps": self.skipped_steps,
+            "world_size": du.get_world_size(),
+            "rng": rng,
+            "hooks": [h.state_dict() for h in self.hooks],
+            **self.extra_state,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.amp.scaler.load_state_dict(state["scaler"])
+        self.iter = int(state["iter"])
+        self.samples_seen = int(state["samples_seen"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        rng = state.get("rng") or []
+        if len(rng) == du.get_world_size():
+            set_rng_state(rng[du.get_rank()])
+        else:
+            logger.warning(
+                f"checkpoint was written by {len(rng)} processes, this run has {du.get_world_size()}: "
+                "RNG streams are reseeded, so the continuation is not bit-exact"
+            )
+            torch.manual_seed(1_000_003 * self.iter + du.get_rank())
+        for h, hs in zip(self.hooks, state.get("hooks", [])):
+            h.load_state_dict(hs)
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint of ``output_dir`` if there is one."""
+        state = self.checkpointer.load_last()
+        if state is None:
+            logger.info(f"--resume: no checkpoint in {self.output_dir}, starting from scratch")
+            return False
+        self.load_state_dict(state)
+        logger.info(f"resumed from {state['_path']} at iteration {self.iter}")
+        return True
+
+    def save_checkpoint(self, name: Optional[str] = None) -> None:
+        state = self.state_dict()  # collective: every rank takes part
+        if du.is_main_process():
+            self.checkpointer.save(name or f"model_{self.iter:07d}.pth", state)
+        du.synchronize()
+
+    # ------------------------------------------------------------------- loop
+    def _set_lr(self, iteration: int) -> float:
+        mult = self.schedule(iteration)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.peak_lr * mult * g.get("lr_scale", 1.0)
+        return self.peak_lr * mult
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def _agree(self, flags: List[float]) -> List[float]:
+        """Max of small per-rank flags across ranks (so all ranks take the same branch)."""
+        if du.get_world_size() == 1:
+            return flags
+        t = torch.tensor(flags, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return t.tolist()
+
+    def train(self) -> None:
+        self.metrics = MetricsWriter(self.output_dir, start_iter=self.iter, enabled=du.is_main_process())
+        prev_handler = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, self._on_signal)
+        except ValueError:  # not in the main thread
+            prev_handler = None
+        try:
+            for h in self.hooks:
+                h.before_train(self)
+            self._loop()
+            if self._stop_signal is None:
+                for h in self.hooks:
+                    h.after_train(self)
+        finally:
+            if prev_handler is not None:
+                signal.signal(signal.SIGTERM, prev_handler)
+            self.metrics.close()
+
+    def _loop(self) -> None:
+        data_iter = iter(self.loader_fn(self.samples_seen))
+        model = self.model
+        model.train()
+        start_iter = self.iter
+        t_start = time.perf_counter()
+        window_start, window_iters, data_time = t_start, 0, 0.0
+        logger.info(f"starting training at iteration {self.iter} of {self.max_iter}")
+        while self.iter < self.max_iter:
+            lr = self._set_lr(self.iter)
+            losses_sum: Dict[str, float] = {}
+            bad_term: Optional[str] = None
+            for micro in range(self.accum_steps):
+                t0 = time.perf_counter()
+                batch = next(data_iter)
+                data_time += time.perf_counter() - t0
+                if bad_term is not None:
+                    continue  # keep the data position; this step is dropped
+                sync = micro == self.accum_steps - 1 or not isinstance(model, DistributedDataParallel)
+                ctx = contextlib.nullcontext() if sync else model.no_sync()
+                with ctx:
+                    with self.amp.autocast():
+                        loss_dict = self.loss_fn(model, batch, self.device)
+                    total = sum(loss_dict.values())
+                    values = {k: float(v.detach()) for k, v in loss_dict.items()}
+                    nonfinite = [k for k, v in values.items() if not math.isfinite(v)]
+                    if not math.isfinite(float(total.detach())) and not nonfinite:
+                        nonfinite = ["total"]
+                    flag = self._agree([1.0 if nonfinite else 0.0])[0]
+                    if flag:
+                        bad_term = (
+                            ", ".join(f"{k}={values.get(k, float(total.detach()))}" for k in nonfinite)
+                            or "a loss term on another process"
+                        )
+                        continue
+                    self.amp.scaler.scale(total / self.accum_steps).backward()
+                for k, v in values.items():
+                    losses_sum[k] = losses_sum.get(k, 0.0) + v / self.accum_steps
+            self.samples_seen += self.samples_per_iter
+            if bad_term is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.nonfinite == "stop":
+                    raise TrainingError(
+                        f"non-finite loss at iteration {self.iter}: {bad_term} "
+                        "(set train.nonfinite=skip to drop such steps instead)"
+                    )
+                self.skipped_steps += 1
+                logger.warning(f"iteration {self.iter}: non-finite loss ({bad_term}); step skipped "
+                               f"({self.skipped_steps} so far)")
+            else:
+                if self.clip_grad_norm > 0:
+                    self.amp.scaler.unscale_(self.optimizer)
+                    params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                    torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+                self.amp.scaler.step(self.optimizer)
+                self.amp.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.iter += 1
+            window_iters += 1
+            self.last_losses = losses_sum
+            stop_flag = self._agree([1.0 if self._stop_signal is not None else 0.0])[0]
+
+            if self.iter % self.log_period == 0 or self.iter == self.max_iter or stop_flag:
+                self._log(losses_sum, lr, start_iter, t_start, window_start, window_iters, data_time)
+                window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
+            if stop_flag:
+                self._stop_signal = self._stop_signal or signal.SIGTERM
+                logger.warning(f"received SIGTERM: saving a checkpoint at iteration {self.iter} and exiting; "
+                               "rerun with --resume to continue")
+                self.save_checkpoint()
+                raise SystemExit(143)
+            if self.checkpoint_period > 0 and self.iter % self.checkpoint_period == 0 and self.iter < self.max_iter:
+                self.save_checkpoint()
+            for h in self.hooks:
+                h.after_step(self)
+        self.save_checkpoint()
+
+    def _log(self, losses: Dict[str, float], lr: float, start_iter: int, t_start: float,
+             window_start: float, window_iters: int, data_time: float) -> None:
+        names = sorted(losses)
+        if du.get_world_size() > 1:
+            t = torch.tensor([losses[k] for k in names], dtype=torch.float64, device=self.device)
+            losses = dict(zip(names, du.all_reduce_mean(t).tolist()))
+        if not du.is_main_process():
+            return
+        now = time.perf_counter()
+        per_iter = (now - window_start) / max(1, window_iters)
+        done = self.iter - start_iter
+        eta = (now - t_start) / max(1, done) * (self.max_iter - self.iter)
+        total = sum(losses.values())
+        ips = self.samples_per_iter * self.images_per_sample / max(per_iter, 1e-9)
+        scalars = {"loss": total, **losses, "lr": lr, "time": per_iter,
+                   "data_time": data_time / max(1, window_iters), "images_per_sec": ips,
+                   "eta_seconds": eta, "skipped_steps": self.skipped_steps}
+        self.metrics.write(self.iter - 1, scalars)
+        terms = "  ".join(f"{k}: {losses[k]:.4f}" for k in names) if len(names) > 1 else ""
+        logger.info(
+            f"iter {self.iter}/{self.max_iter}  eta {format_seconds(eta)}  loss {total:.4f}  {terms}"
+            f"{'  ' if terms else ''}lr {lr:.3e}  {ips:.1f} img/s  time {per_iter:.3f}s"
+        )
+        sys.stdout.flush()
