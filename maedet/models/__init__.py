@@ -1,0 +1,1 @@
+from .mae import MaskedAutoencoderViT, MAE_MODELS  # noqa
