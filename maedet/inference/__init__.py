@@ -1,0 +1,4 @@
+"""Inference helpers: drawing and saving predicted instances."""
+from .visualize import PALETTE, color_for, draw_instances, save_visualization  # noqa: F401
+
+__all__ = ["PALETTE", "color_for", "draw_instances", "save_visualization"]
