@@ -64,6 +64,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     batch_size: int = 2  # per process
+    # > 0: the global batch; each of N processes takes total_batch_size / (N x accum_steps),
+    # so a recipe keeps its batch (and lr) whatever the number of GPUs.
+    total_batch_size: int = 0
     accum_steps: int = 1
     amp: str = "off"  # off | bf16 | fp16
     num_workers: int = 2
