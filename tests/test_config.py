@@ -1,0 +1,99 @@
+"""Config loading: _base_ inheritance, overrides, schema validation, errors naming key and file."""
+import os
+
+import pytest
+
+from maedet.config import DetectionConfig, PretrainConfig, load_config, save_config
+from maedet.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    _write(tmp_path / "a.yaml", "model: {depth: 3, embed_dim: 96}\ntrain: {batch_size: 5}\n")
+    _write(tmp_path / "b.yaml", "model: {num_heads: 2}\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    child = _write(sub / "c.yaml", "_base_: [../a.yaml, ../b.yaml]\nmodel: {depth: 4}\n")
+    cfg = load_config(child, ["train.batch_size=7", "solver.betas=[0.5,0.6]"], PretrainConfig)
+    assert cfg.model.depth == 4  # child wins over base
+    assert cfg.model.embed_dim == 96 and cfg.model.num_heads == 2  # both bases merged
+    assert cfg.train.batch_size == 7  # override wins over files
+    assert list(cfg.solver.betas) == [0.5, 0.6]
+    assert cfg.model.decoder_depth == PretrainConfig().model.decoder_depth  # schema default
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    base = _write(tmp_path / "base.yaml", "model: {depthh: 3}\n")
+    child = _write(tmp_path / "child.yaml", "_base_: base.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(child, [], PretrainConfig)
+    assert "model.depthh" in str(e.value) and base in str(e.value)
+
+
+def test_wrong_type_names_key(tmp_path):
+    path = _write(tmp_path / "c.yaml", "train: {batch_size: many}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [], PretrainConfig)
+    assert "train.batch_size" in str(e.value) and path in str(e.value)
+
+
+def test_bad_override(tmp_path):
+    path = _write(tmp_path / "c.yaml", "{}\n")
+    with pytest.raises(ConfigError, match="solver.lrr"):
+        load_config(path, ["solver.lrr=1"], DetectionConfig)
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(path, ["solver.lr"], DetectionConfig)
+
+
+def test_missing_base_and_cycle(tmp_path):
+    path = _write(tmp_path / "c.yaml", "_base_: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(path, [], PretrainConfig)
+    _write(tmp_path / "x.yaml", "_base_: y.yaml\n")
+    _write(tmp_path / "y.yaml", "_base_: x.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "x.yaml"), [], PretrainConfig)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "none.yaml"), [], PretrainConfig)
+    path = _write(tmp_path / "bad.yaml", "model: [unclosed\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(path, [], PretrainConfig)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(os.path.join(REPO, "configs/coco/mask_rcnn_vit_l_100ep.yaml"), ["train.amp=off"], DetectionConfig)
+    out = str(tmp_path / "resolved.yaml")
+    save_config(cfg, out)
+    again = load_config(out, [], DetectionConfig)
+    assert again == cfg
+
+
+@pytest.mark.parametrize("name,schema", [
+    ("mae/mae_vit_base_patch16.yaml", PretrainConfig),
+    ("mae/mae_vit_large_patch16.yaml", PretrainConfig),
+    ("mae/mae_vit_huge_patch14.yaml", PretrainConfig),
+    ("coco/mask_rcnn_vit_b_100ep.yaml", DetectionConfig),
+    ("coco/mask_rcnn_vit_h_75ep_frozen.yaml", DetectionConfig),
+])
+def test_shipped_configs_hold_the_recipes(name, schema):
+    cfg = load_config(os.path.join(REPO, "configs", name), [], schema)
+    if schema is PretrainConfig:
+        assert cfg.model.mask_ratio == 0.75 and cfg.model.norm_pix_loss
+        assert (cfg.model.decoder_embed_dim, cfg.model.decoder_depth, cfg.model.decoder_num_heads) == (512, 8, 16)
+        assert list(cfg.solver.betas) == [0.9, 0.95] and cfg.solver.weight_decay == 0.05
+        assert cfg.solver.base_lr == 1.5e-4 and cfg.solver.base_batch_size == 256
+        assert cfg.solver.epochs == 800 and cfg.solver.warmup_epochs == 40
+        assert (cfg.data.min_scale, cfg.data.max_scale) == (0.2, 1.0)
+    else:
+        assert cfg.train.total_batch_size == 64 and cfg.solver.lr == 1e-4 and cfg.solver.weight_decay == 0.1
+        assert cfg.solver.warmup_iters == 250 and cfg.data.image_size == 1024
