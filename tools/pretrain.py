@@ -22,7 +22,7 @@ from maedet.engine.launch import default_argument_parser, run_tool, setup_run  #
 
 
 def main() -> int:
-    args = default_argument_parser(__doc__).parse_args()
+    args = default_argument_parser(__doc__).parse_intermixed_args()
     overrides = list(args.opts)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")

@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-only", action="store_true", help="evaluate model.weights on data.test and exit")
     p.add_argument("--num-gpus", type=int, default=1, metavar="N",
                    help="start N local processes (one per GPU; gloo processes on a CPU machine)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from maedet.checkpoint.pretrained import load_pretrained_backbone
 from maedet.data.build import build_detection_test_loader, build_detection_train_loader
 from maedet.data.catalog import DatasetCatalog
 from maedet.data.coco import CocoInstanceDataset
-from maedet.data.transforms import build_lsj_train_transform
+from maedet.data.transforms import IMAGENET_MEAN, build_lsj_train_transform
 from maedet.engine import distributed as du
 from maedet.engine.launch import derive_schedule
 from maedet.engine.optim import build_optimizer, param_groups
@@ -228,7 +228,10 @@ def run_training(cfg, device: torch.device, resume: bool = False) -> Dict[str, D
     json_file, images, name = resolve_split(cfg.data.train, "train")
     d = cfg.data
     train_ds = CocoInstanceDataset(
-        json_file, images, transforms=build_lsj_train_transform(d.image_size, d.min_scale, d.max_scale, d.hflip),
+        json_file, images,
+        # ViTDet pads the normalized image with 0, i.e. with the mean colour
+        transforms=build_lsj_train_transform(d.image_size, d.min_scale, d.max_scale, d.hflip,
+                                             pad_value=[round(255 * m) for m in IMAGENET_MEAN]),
         filter_empty=True, dataset_name=name,
     )
     num_classes = cfg.model.num_classes or len(train_ds.class_names)

@@ -40,13 +40,23 @@ def run_tool(main: Callable[[], Any]) -> None:
         rc = main()
     except MaedetError as e:
         rank = f"[rank {du.get_rank()}] " if du.get_world_size() > 1 else ""
-        print(f"error: {rank}{e}", file=sys.stderr, flush=True)
+        print(f"error: {rank}{error_line(e)}", file=sys.stderr, flush=True)
         du.destroy_distributed()
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(int(rc or 0))
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an error; a DataLoader worker's wrapped traceback is reduced to its message."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = [line for line in msg.strip().splitlines() if line.strip()][-1].strip()
+        prefix = f"{type(e).__module__}.{type(e).__name__}: "
+        msg = last[len(prefix):] if last.startswith(prefix) else last
+    return " ".join(msg.split("\n"))
 
 
 def check_writable_dir(path: str) -> None:

@@ -145,8 +145,11 @@ class ReconstructionVisHook(HookBase):
             self._write(trainer)
 
 
-def run_pretraining(cfg, device: torch.device, resume: bool = False) -> str:
-    """Train an MAE as configured; returns the path of the encoder checkpoint."""
+def run_pretraining(cfg, device: torch.device, resume: bool = False, extra_hooks=()) -> str:
+    """Train an MAE as configured; returns the path of the encoder checkpoint.
+
+    ``extra_hooks``: more :class:`~maedet.engine.trainer.HookBase` objects for the trainer.
+    """
     dataset = build_pretrain_dataset(cfg.data)
     logger.info(f"pretraining on {len(dataset)} images")
     model = build_mae_model(cfg.model).to(device)
@@ -170,7 +173,7 @@ def run_pretraining(cfg, device: torch.device, resume: bool = False) -> str:
             persistent_workers=cfg.train.persistent_workers,
         )
 
-    hooks: List[HookBase] = []
+    hooks: List[HookBase] = list(extra_hooks)
     if cfg.vis.period > 0:
         vis_data = build_pretrain_dataset(cfg.data)
         hooks.append(ReconstructionVisHook(vis_data, cfg.vis.period, cfg.vis.num_images, cfg.model.mask_ratio,
