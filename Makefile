@@ -30,7 +30,7 @@ quickstart: toy-data
 	$(PYTHON) tools/train_net.py --config configs/quickstart/mask_rcnn_vit_tiny.yaml --output-dir $(QS)/det \
 		--eval-only model.weights=$(QS)/det/model_final.pth
 	$(PYTHON) tools/infer.py --config configs/quickstart/mask_rcnn_vit_tiny.yaml \
-		--weights $(QS)/det/model_final.pth --input "$(TOY)/val/*.png" --output $(QS)/pictures \
+		--weights $(QS)/det/model_final.pth --input $(TOY)/val --output $(QS)/pictures \
 		--json $(QS)/pictures/results.json --score-thresh 0.5
 	@echo "quickstart done: pictures in $(QS)/pictures, AP table above, logs in $(QS)/"
 
