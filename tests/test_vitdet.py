@@ -1,0 +1,531 @@
+"""ViTDet backbone, simple feature pyramid, Mask R-CNN assembly and pretrained loading.
+
+Tiny models on CPU; every check compares against an independent computation.
+"""
+import os
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maedet.checkpoint.pretrained import LoadReport, load_pretrained_backbone
+from maedet.errors import CheckpointError
+from maedet.models.mask_rcnn import (
+    AlignedMultiScaleRoIAlign,
+    ViTDetRoIHeads,
+    box_regression_loss,
+    ViTDetRPN,
+    build_vitdet_mask_rcnn,
+)
+from maedet.models.pos_embed import resize_pos_embed_grid
+from maedet.models.pyramid import SimpleFeaturePyramid
+from maedet.models.vit import (
+    VIT_PRESETS,
+    Attention,
+    Block,
+    ViT,
+    get_abs_pos,
+    get_vit_layer_id,
+    window_partition,
+    window_unpartition,
+)
+
+torch.set_num_threads(2)
+
+TINY_VIT = dict(
+    img_size=128,
+    patch_size=16,
+    embed_dim=32,
+    depth=3,
+    num_heads=2,
+    window_size=4,
+    window_block_indexes=(0, 2),
+    pretrain_img_size=64,
+)
+
+
+def tiny_vit(**kw):
+    args = dict(TINY_VIT)
+    args.update(kw)
+    return ViT(**args)
+
+
+def tiny_mask_rcnn(vit_overrides=None, **kw):
+    vit_kwargs = dict(TINY_VIT)
+    vit_kwargs.update(vit_overrides or {})
+    args = dict(
+        num_classes=3,
+        vit_kwargs=vit_kwargs,
+        pyramid_out_channels=32,
+        min_size=128,
+        max_size=128,
+        box_head_conv_dims=(16, 16),
+        box_head_fc_dim=32,
+        mask_head_conv_dims=(16, 16),
+        rpn_pre_nms_top_n_train=200,
+        rpn_post_nms_top_n_train=64,
+        rpn_pre_nms_top_n_test=200,
+        rpn_post_nms_top_n_test=64,
+        box_batch_size_per_image=32,
+        rpn_batch_size_per_image=64,
+    )
+    args.update(kw)
+    return build_vitdet_mask_rcnn(**args)
+
+
+def toy_batch():
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.rand(3, 128, 128, generator=g), torch.rand(3, 128, 128, generator=g)]
+    m1 = torch.zeros(1, 128, 128, dtype=torch.uint8)
+    m1[0, 10:50, 20:70] = 1
+    m2 = torch.zeros(2, 128, 128, dtype=torch.uint8)
+    m2[0, 30:90, 10:40] = 1
+    m2[1, 60:120, 50:90] = 1
+    targets = [
+        dict(boxes=torch.tensor([[20.0, 10, 70, 50]]), labels=torch.tensor([1]), masks=m1),
+        dict(boxes=torch.tensor([[10.0, 30, 40, 90], [50, 60, 90, 120]]), labels=torch.tensor([2, 3]), masks=m2),
+    ]
+    return imgs, targets
+
+
+# --------------------------------------------------------------------------- ViT pieces
+
+
+def test_window_partition_round_trip_with_padding():
+    x = torch.randn(2, 10, 13, 5)
+    windows, pad_hw = window_partition(x, 4)
+    assert pad_hw == (12, 16)
+    assert windows.shape == (2 * 3 * 4, 4, 4, 5)
+    # Window (row 1, col 0) of image 0 is x[0, 4:8, 0:4]; window 0 of image 1 follows 12 windows.
+    torch.testing.assert_close(windows[4], x[0, 4:8, 0:4])
+    torch.testing.assert_close(windows[12], x[1, 0:4, 0:4])
+    # The last window of image 0 holds x[0, 8:10, 12:13] and zero padding.
+    last = windows[11]
+    torch.testing.assert_close(last[:2, :1], x[0, 8:10, 12:13])
+    assert last[2:].abs().sum() == 0 and last[:, 1:].abs().sum() == 0
+    torch.testing.assert_close(window_unpartition(windows, 4, pad_hw, (10, 13)), x)
+
+
+def test_window_covering_whole_grid_equals_global_attention():
+    torch.manual_seed(0)
+    glob = Block(32, 2, use_rel_pos=True, rel_pos_zero_init=False, window_size=0, input_size=(6, 6))
+    win = Block(32, 2, use_rel_pos=True, rel_pos_zero_init=False, window_size=6)
+    win.load_state_dict(glob.state_dict())
+    x = torch.randn(2, 6, 6, 32)
+    torch.testing.assert_close(win(x), glob(x))
+    # A smaller window is not global attention (the check above is not vacuous).
+    small = Block(32, 2, use_rel_pos=True, rel_pos_zero_init=False, window_size=3)
+    sd = glob.state_dict()
+    sd["attn.rel_pos_h"] = sd["attn.rel_pos_h"][3:-3]
+    sd["attn.rel_pos_w"] = sd["attn.rel_pos_w"][3:-3]
+    small.load_state_dict(sd)
+    assert not torch.allclose(small(x), glob(x), atol=1e-4)
+
+
+def test_pos_embed_resize_identity_and_other_sizes():
+    vit = tiny_vit()
+    pe = vit.pos_embed  # (1, 1 + 4*4, C) for pretrain_img_size 64
+    assert pe.shape == (1, 17, 32)
+    same = get_abs_pos(pe, True, (4, 4))
+    torch.testing.assert_close(same, pe[:, 1:].reshape(1, 4, 4, 32), rtol=0, atol=0)
+    other = get_abs_pos(pe, True, (6, 5))
+    assert other.shape == (1, 6, 5, 32)
+    ref = F.interpolate(pe[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2), size=(6, 5), mode="bicubic")
+    torch.testing.assert_close(other, ref.permute(0, 2, 3, 1))
+    # Non-square input, grid not a multiple of the window.
+    out = vit(torch.randn(1, 3, 96, 80))["last_feat"]
+    assert out.shape == (1, 32, 6, 5)
+    with pytest.raises(ValueError, match="divisible"):
+        vit(torch.randn(1, 3, 90, 80))
+
+
+def _reference_rel_pos_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """detectron2's Attention.forward written out literally (B*heads layout)."""
+    B, H, W, _ = x.shape
+    nh = attn.num_heads
+    qkv = attn.qkv(x).reshape(B, H * W, 3, nh, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, B * nh, H * W, -1).unbind(0)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)
+
+    def rel(size, table):
+        L = 2 * size - 1
+        if table.shape[0] != L:
+            table = F.interpolate(table.t()[None], size=L, mode="linear")[0].t()
+        idx = torch.arange(size)[:, None] - torch.arange(size)[None, :] + size - 1
+        return table[idx]
+
+    Rh, Rw = rel(H, attn.rel_pos_h), rel(W, attn.rel_pos_w)
+    r_q = q.reshape(B * nh, H, W, -1)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)
+    scores = (scores.view(-1, H, W, H, W) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(
+        -1, H * W, H * W
+    )
+    out = (scores.softmax(dim=-1) @ v).view(B, nh, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+    return attn.proj(out)
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (6, 5)])  # (6, 5): rel-pos tables interpolated
+def test_attention_impls_agree_forward_and_backward(grid):
+    torch.manual_seed(0)
+    base = Attention(24, 3, use_rel_pos=True, rel_pos_zero_init=False, input_size=(4, 4)).double()
+    x0 = torch.randn(2, *grid, 24, dtype=torch.float64)
+    results = {}
+    for impl in ("sdpa", "sdpa_mask", "explicit", "reference"):
+        attn = Attention(24, 3, use_rel_pos=True, input_size=(4, 4), attn_impl="sdpa" if impl == "reference" else impl)
+        attn = attn.double()
+        attn.load_state_dict(base.state_dict())
+        x = x0.clone().requires_grad_(True)
+        y = _reference_rel_pos_attention(attn, x) if impl == "reference" else attn(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        grads = [x.grad] + [p.grad for p in attn.parameters()]
+        results[impl] = (y.detach(), grads)
+    ref_y, ref_g = results["reference"]
+    for impl in ("sdpa", "sdpa_mask", "explicit"):
+        y, g = results[impl]
+        torch.testing.assert_close(y, ref_y, rtol=1e-9, atol=1e-10, msg=f"{impl} forward")
+        for a, b in zip(g, ref_g):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"{impl} backward")
+    # The rel-pos tables matter (the comparison is not vacuous).
+    assert results["sdpa"][1][-2].abs().sum() > 0
+
+
+def test_vit_impls_and_act_checkpoint_agree():
+    torch.manual_seed(0)
+    ref = tiny_vit(rel_pos_zero_init=False, attn_impl="explicit").double()
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    outs = []
+    for kw in (dict(attn_impl="explicit"), dict(attn_impl="sdpa"), dict(attn_impl="sdpa", use_act_checkpoint=True)):
+        m = tiny_vit(**kw).double()
+        m.load_state_dict(ref.state_dict())
+        m.train()
+        y = m(x)["last_feat"]
+        y.pow(2).sum().backward()
+        outs.append((y.detach(), [p.grad for p in m.parameters()]))
+    for y, g in outs[1:]:
+        torch.testing.assert_close(y, outs[0][0])
+        for a, b in zip(g, outs[0][1]):
+            torch.testing.assert_close(a, b)
+
+
+def test_vit_names_and_shapes_follow_detectron2():
+    vit = tiny_vit()
+    sd = vit.state_dict()
+    assert sd["patch_embed.proj.weight"].shape == (32, 3, 16, 16)
+    assert sd["blocks.0.attn.rel_pos_h"].shape == (2 * 4 - 1, 16)  # window block: window 4
+    assert sd["blocks.1.attn.rel_pos_w"].shape == (2 * 8 - 1, 16)  # global block: 128 / 16 = 8
+    assert sd["blocks.1.attn.rel_pos_h"].abs().sum() == 0  # zero init
+    for name in ("norm1.weight", "attn.qkv.weight", "attn.proj.bias", "norm2.bias", "mlp.fc1.weight", "mlp.fc2.bias"):
+        assert f"blocks.2.{name}" in sd
+    assert not any(k.startswith(("norm.", "fc_norm", "cls_token")) for k in sd)
+    assert vit.blocks[0].window_size == 4 and vit.blocks[1].window_size == 0
+    for name, preset in VIT_PRESETS.items():
+        globals_ = [i for i in range(preset["depth"]) if i not in preset["window_block_indexes"]]
+        assert len(globals_) in (2, 4) and globals_[-1] == preset["depth"] - 1, name
+    assert [i for i in range(12) if i not in VIT_PRESETS["vit_base"]["window_block_indexes"]] == [2, 5, 8, 11]
+
+
+# --------------------------------------------------------------------------- pyramid
+
+
+def test_pyramid_strides_channels_non_square():
+    fpn = SimpleFeaturePyramid(tiny_vit(), out_channels=256)
+    out = fpn(torch.randn(1, 3, 128, 192))
+    assert list(out) == ["p2", "p3", "p4", "p5", "p6"]
+    expected = {"p2": (32, 48), "p3": (16, 24), "p4": (8, 12), "p5": (4, 6), "p6": (2, 3)}
+    for k, hw in expected.items():
+        assert out[k].shape == (1, 256, *hw), k
+    assert fpn.out_channels == 256 and fpn.size_divisibility == 64
+    names = set(dict(fpn.named_parameters()))
+    # detectron2 layout: scale 4 stage = deconv, LN, GELU, deconv, conv1x1+LN, conv3x3+LN.
+    for k in ("simfp_2.0.weight", "simfp_2.1.weight", "simfp_2.3.weight", "simfp_2.4.weight",
+              "simfp_2.4.norm.weight", "simfp_2.5.norm.bias", "simfp_3.0.weight", "simfp_3.1.weight",
+              "simfp_4.0.weight", "simfp_4.1.norm.weight", "simfp_5.1.weight", "simfp_5.2.norm.bias",
+              "net.blocks.0.attn.qkv.weight"):
+        assert k in names, k
+    assert "simfp_2.4.bias" not in names  # conv before LN has no bias
+    with pytest.raises(ValueError, match="divisible by 64"):
+        fpn(torch.randn(1, 3, 128, 160))
+
+
+def test_pyramid_square_pad_equals_padding_then_cropping():
+    torch.manual_seed(0)
+    vit = tiny_vit(rel_pos_zero_init=False)
+    padded = SimpleFeaturePyramid(vit, out_channels=16, square_pad=256).eval()
+    plain = SimpleFeaturePyramid(vit, out_channels=16, square_pad=0).eval()
+    plain.load_state_dict(padded.state_dict())
+    x = torch.randn(1, 3, 128, 192)
+    out = padded(x)
+    ref = plain(F.pad(x, (0, 256 - 192, 0, 256 - 128)))
+    for k, s in padded._out_feature_strides.items():
+        assert out[k].shape[-2:] == (128 // s, 192 // s)
+        torch.testing.assert_close(out[k], ref[k][:, :, : 128 // s, : 192 // s])
+    # Padding changes the result (window layout / pos-embed grid): not a no-op.
+    assert not torch.allclose(out["p4"], plain(x)["p4"], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- Mask R-CNN
+
+
+def test_mask_rcnn_recipe_components():
+    model = tiny_mask_rcnn()
+    assert isinstance(model.backbone.net, ViT)
+    assert isinstance(model.rpn, ViTDetRPN) and isinstance(model.roi_heads, ViTDetRoIHeads)
+    assert len(model.rpn.head.conv) == 2  # two 3x3 convs
+    assert model.rpn._post_nms_top_n == dict(training=64, testing=64)
+    assert model.rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))
+    pool = model.roi_heads.box_roi_pool
+    assert isinstance(pool, AlignedMultiScaleRoIAlign) and pool.aligned and pool.sampling_ratio == 0
+    assert pool.featmap_names == ["p2", "p3", "p4", "p5"] and pool.output_size == (7, 7)
+    assert model.roi_heads.mask_roi_pool.output_size == (14, 14)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4  # 3 classes + background
+    assert model.transform.size_divisible == 64 and model.backbone.square_pad == 128
+    # Training images keep their size (LSJ is done by the data pipeline); test images
+    # are resized to the longer side max_size.
+    model.transform.train()
+    assert model.transform([torch.rand(3, 64, 64)])[0].image_sizes == [(64, 64)]
+    model.transform.eval()
+    assert model.transform([torch.rand(3, 64, 64)])[0].image_sizes == [(128, 128)]
+    # Box losses are L1 (detectron2 smooth_l1_beta = 0).
+    assert model.rpn.smooth_l1_beta == 0 and model.roi_heads.smooth_l1_beta == 0
+
+
+def test_box_regression_loss_is_l1_at_beta_zero():
+    pred, target = torch.tensor([[0.0, 0.05, -0.02, 1.0]]), torch.zeros(1, 4)
+    torch.testing.assert_close(box_regression_loss(pred, target, 0.0), torch.tensor(1.07))
+    # torchvision's beta 1/9 is quadratic below 1/9: a different value.
+    assert box_regression_loss(pred, target, 1 / 9) < 1.07 - 1e-3
+
+
+def test_aligned_roi_pool_matches_roi_align():
+    from torchvision.ops import roi_align
+
+    pool = AlignedMultiScaleRoIAlign(["p2", "p3"], 7, 0, (4, 8))
+    feats = {"p2": torch.randn(1, 4, 32, 32), "p3": torch.randn(1, 4, 16, 16)}
+    boxes = [torch.tensor([[0.0, 0, 20, 20], [0, 0, 120, 120]])]  # small -> p2, large -> p3
+    out = pool(feats, boxes, [(128, 128)])
+    rois = torch.cat([torch.zeros(2, 1), boxes[0]], 1)
+    torch.testing.assert_close(out[0:1], roi_align(feats["p2"], rois[0:1], 7, 0.25, 0, aligned=True))
+    torch.testing.assert_close(out[1:2], roi_align(feats["p3"], rois[1:2], 7, 0.125, 0, aligned=True))
+
+
+def test_mask_rcnn_train_losses_backward_and_eval():
+    torch.manual_seed(0)
+    model = tiny_mask_rcnn(vit_overrides=dict(drop_path_rate=0.1))
+    imgs, targets = toy_batch()
+    model.train()
+    losses = model(imgs, targets)
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+    for k, v in losses.items():
+        assert torch.isfinite(v) and v.dim() == 0, k
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    assert model.backbone.net.blocks[1].attn.rel_pos_h.grad.abs().sum() > 0
+
+    model.eval()
+    with torch.no_grad():
+        out = model([imgs[0], imgs[1][:, :, :96]])
+    assert len(out) == 2
+    for o, (h, w) in zip(out, [(128, 128), (128, 96)]):
+        assert set(o) == {"boxes", "labels", "scores", "masks"}
+        n = o["boxes"].shape[0]
+        assert o["boxes"].shape == (n, 4) and o["labels"].shape == (n,) and o["scores"].shape == (n,)
+        assert o["masks"].shape == (n, 1, h, w)
+        if n:
+            assert o["labels"].min() >= 1 and o["labels"].max() <= 3
+
+
+def test_frozen_encoder_sgd_step():
+    torch.manual_seed(0)
+    model = tiny_mask_rcnn(vit_overrides=dict(freeze=True, drop_path_rate=0.5))
+    vit = model.backbone.net
+    assert all(not p.requires_grad for p in vit.parameters())
+    model.train()
+    assert not vit.training and not any(m.training for m in vit.modules())
+    assert model.backbone.simfp_4.training and model.roi_heads.training
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(vit(x)["last_feat"], vit(x)["last_feat"])  # drop path off
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    imgs, targets = toy_batch()
+    sum(model(imgs, targets).values()).backward()
+    opt.step()
+    after = dict(model.named_parameters())
+    for n, p in after.items():
+        if n.startswith("backbone.net."):
+            assert torch.equal(p, before[n]), n
+    changed = {n.split(".")[0] + "." + n.split(".")[1] for n, p in after.items() if not torch.equal(p, before[n])}
+    assert {"backbone.simfp_2", "backbone.simfp_5", "rpn.head", "roi_heads.box_head",
+            "roi_heads.mask_head", "roi_heads.box_predictor"} <= changed
+
+
+def test_freeze_blocks_freezes_exactly_first_k():
+    vit = tiny_vit(freeze_blocks=2, drop_path_rate=0.1)
+    frozen = {n for n, p in vit.named_parameters() if not p.requires_grad}
+    expected = {n for n, _ in vit.named_parameters() if n.startswith(("patch_embed.", "pos_embed", "blocks.0.", "blocks.1."))}
+    assert frozen == expected
+    vit.train()
+    assert vit.training and not vit.patch_embed.training
+    assert [b.training for b in vit.blocks] == [False, False, True]
+    vit.eval()
+    assert not any(m.training for m in vit.modules())
+    with pytest.raises(ValueError):
+        tiny_vit(freeze_blocks=4)
+
+
+def test_get_vit_layer_id():
+    assert get_vit_layer_id("backbone.net.patch_embed.proj.weight", 12) == 0
+    assert get_vit_layer_id("backbone.net.pos_embed", 12) == 0
+    assert get_vit_layer_id("backbone.net.blocks.0.norm1.weight", 12) == 1
+    assert get_vit_layer_id("backbone.net.blocks.11.attn.rel_pos_h", 12) == 12
+    assert get_vit_layer_id("module.backbone.net.blocks.3.mlp.fc1.weight", 12) == 4
+    assert get_vit_layer_id("backbone.simfp_2.0.weight", 12) == 13
+    assert get_vit_layer_id("roi_heads.box_head.0.0.weight", 12) == 13
+    assert get_vit_layer_id("rpn.head.conv.0.0.weight", 12) == 13
+    assert get_vit_layer_id("blocks.2.attn.qkv.weight", 12, prefix="") == 3
+    # torch.compile(model.backbone.net) renames parameters to backbone.net._orig_mod.*
+    assert get_vit_layer_id("backbone.net._orig_mod.blocks.5.attn.qkv.weight", 12) == 6
+    assert get_vit_layer_id("backbone.net._orig_mod.pos_embed", 12) == 0
+    model = tiny_mask_rcnn()
+    ids = {n: get_vit_layer_id(n, 3) for n, _ in model.named_parameters()}
+    for n, i in ids.items():
+        m = re.match(r"backbone\.net\.blocks\.(\d+)\.", n)
+        if m:
+            assert i == int(m.group(1)) + 1
+        elif n.startswith("backbone.net."):
+            assert i == 0
+        else:
+            assert i == 4
+
+
+# --------------------------------------------------------------------------- pretrained loading
+
+
+def mae_state(embed=32, depth=3, grid=4, heads_dim=None, decoder=True):
+    """Random tensors with the official MAE names (encoder + decoder)."""
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    sd = {
+        "cls_token": r(1, 1, embed),
+        "pos_embed": r(1, 1 + grid * grid, embed),
+        "patch_embed.proj.weight": r(embed, 3, 16, 16),
+        "patch_embed.proj.bias": r(embed),
+    }
+    for i in range(depth):
+        p = f"blocks.{i}."
+        sd.update({
+            p + "norm1.weight": r(embed), p + "norm1.bias": r(embed),
+            p + "attn.qkv.weight": r(3 * embed, embed), p + "attn.qkv.bias": r(3 * embed),
+            p + "attn.proj.weight": r(embed, embed), p + "attn.proj.bias": r(embed),
+            p + "norm2.weight": r(embed), p + "norm2.bias": r(embed),
+            p + "mlp.fc1.weight": r(4 * embed, embed), p + "mlp.fc1.bias": r(4 * embed),
+            p + "mlp.fc2.weight": r(embed, 4 * embed), p + "mlp.fc2.bias": r(embed),
+        })
+    sd["norm.weight"] = r(embed)
+    sd["norm.bias"] = r(embed)
+    if decoder:
+        sd.update({
+            "mask_token": r(1, 1, 16), "decoder_embed.weight": r(16, embed), "decoder_pos_embed": r(1, 17, 16),
+            "decoder_blocks.0.attn.qkv.weight": r(48, 16), "decoder_norm.weight": r(16),
+            "decoder_pred.weight": r(768, 16),
+        })
+    return sd
+
+
+def test_load_mae_encoder_resizes_pos_embed_and_reports(tmp_path, caplog):
+    vit = tiny_vit(pretrain_img_size=96)  # model pos grid 6x6, checkpoint grid 4x4
+    sd = mae_state()
+    path = str(tmp_path / "mae.pth")
+    torch.save({"model": sd, "epoch": 3}, path)
+    with caplog.at_level("INFO"):
+        report = load_pretrained_backbone(vit, path)
+    assert isinstance(report, LoadReport)
+    msd = vit.state_dict()
+    for k, v in sd.items():
+        if k.startswith(("blocks.", "patch_embed.")):
+            torch.testing.assert_close(msd[k], v, rtol=0, atol=0)
+            assert k in report.loaded_keys
+    expected_pe = torch.cat([sd["pos_embed"][:, :1], resize_pos_embed_grid(sd["pos_embed"], 6, 1).reshape(1, 36, -1)], 1)
+    torch.testing.assert_close(msd["pos_embed"], expected_pe)
+    assert report.resized["pos_embed"] == ((1, 17, 32), (1, 37, 32))
+    assert sorted(report.new_keys) == sorted(k for k in msd if "rel_pos" in k)
+    assert {"cls_token", "norm.weight", "mask_token", "decoder_embed.weight"} <= set(report.dropped_keys)
+    assert not report.unexpected_keys
+    # One concise table, rel-pos keys grouped by pattern.
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("maedet"))
+    assert "blocks.*.attn.rel_pos_h (x3)" in text and path in text
+    # The loaded weights are used: the forward output changes deterministically.
+    fresh = tiny_vit(pretrain_img_size=96)
+    x = torch.randn(1, 3, 64, 64)
+    assert not torch.allclose(fresh(x)["last_feat"], vit(x)["last_feat"])
+
+
+def test_load_timm_names_and_plain_dict():
+    vit = tiny_vit()
+    sd = mae_state(decoder=False)
+    sd["fc_norm.weight"] = torch.ones(32)
+    sd["head.weight"] = torch.zeros(10, 32)
+    report = load_pretrained_backbone(vit, sd)
+    assert {"fc_norm.weight", "head.weight", "cls_token"} <= set(report.dropped_keys)
+    torch.testing.assert_close(vit.pos_embed.detach(), sd["pos_embed"])  # same grid: no resize
+    assert "pos_embed" not in report.resized
+
+
+def test_load_mae_module_if_available():
+    mae = pytest.importorskip("maedet.models.mae")
+    if not hasattr(mae, "mae_vit_tiny_patch16"):
+        pytest.skip("mae_vit_tiny_patch16 not available yet")
+    enc = mae.mae_vit_tiny_patch16()
+    state = enc.encoder_state_dict()
+    vit = ViT(img_size=64, embed_dim=192, depth=4, num_heads=3, window_size=2, window_block_indexes=(0, 2))
+    report = load_pretrained_backbone(vit, state)
+    torch.testing.assert_close(vit.blocks[3].mlp.fc2.weight.detach(), state["blocks.3.mlp.fc2.weight"])
+    assert all("rel_pos" in k for k in report.new_keys)
+
+
+def test_checkpoint_errors(tmp_path):
+    vit = tiny_vit()
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    # Other model size: first mismatching key (checkpoint order) and the file are named.
+    path = str(tmp_path / "wide.pth")
+    torch.save({"model": mae_state(embed=48)}, path)
+    with pytest.raises(CheckpointError, match=r"wide\.pth.*'pos_embed'"):
+        load_pretrained_backbone(vit, path)
+    sd = mae_state()
+    sd["blocks.1.attn.qkv.weight"] = torch.zeros(96, 16)
+    path = str(tmp_path / "bad_qkv.pth")
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r"bad_qkv\.pth.*blocks\.1\.attn\.qkv\.weight"):
+        load_pretrained_backbone(vit, path)
+    # Deeper checkpoint than the model, and shallower.
+    path = str(tmp_path / "deep.pth")
+    torch.save(mae_state(depth=5), path)
+    with pytest.raises(CheckpointError, match=r"deep\.pth.*blocks\.3\."):
+        load_pretrained_backbone(vit, path)
+    path = str(tmp_path / "shallow.pth")
+    torch.save(mae_state(depth=2), path)
+    with pytest.raises(CheckpointError, match=r"shallow\.pth.*blocks\.2\."):
+        load_pretrained_backbone(vit, path)
+    # Random bytes; truncated file; a checkpoint without ViT keys.
+    path = str(tmp_path / "random.pth")
+    with open(path, "wb") as f:
+        f.write(os.urandom(4096))
+    with pytest.raises(CheckpointError, match=r"random\.pth"):
+        load_pretrained_backbone(vit, path)
+    good = str(tmp_path / "good.pth")
+    torch.save({"model": mae_state()}, good)
+    data = open(good, "rb").read()
+    path = str(tmp_path / "truncated.pth")
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated\.pth"):
+        load_pretrained_backbone(vit, path)
+    path = str(tmp_path / "other.pth")
+    torch.save({"model": {"conv1.weight": torch.zeros(3)}}, path)
+    with pytest.raises(CheckpointError, match=r"other\.pth.*no recognizable ViT keys"):
+        load_pretrained_backbone(vit, path)
+    # No failed load modified the model (all checks run before loading).
+    for k, v in vit.state_dict().items():
+        assert torch.equal(v, before[k]), k
