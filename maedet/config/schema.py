@@ -163,6 +163,10 @@ class DetModelConfig:
     num_classes: int = 0  # foreground classes; 0 = take from the training set
     weights: str = ""  # a full detection checkpoint (evaluation, inference, fine-tuning)
     pyramid_channels: int = 256
+    box_head_conv_dims: List[int] = field(default_factory=lambda: [256, 256, 256, 256])
+    box_head_fc_dim: int = 1024
+    mask_head_conv_dims: List[int] = field(default_factory=lambda: [256, 256, 256, 256])
+    anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     min_size: int = 1024  # test-time shorter side
     max_size: int = 1024  # test-time longer side cap
     box_score_thresh: float = 0.05

@@ -23,7 +23,7 @@ from maedet.engine.optim import build_optimizer, param_groups
 from maedet.engine.schedule import LRSchedule
 from maedet.engine.trainer import HookBase, Trainer, unwrap_model
 from maedet.errors import CheckpointError, ConfigError
-from maedet.evaluation.coco import COCOEvaluator, print_coco_table
+from maedet.evaluation.coco import COCOEvaluator
 from maedet.fileio import atomic_write_text
 from maedet.models.mask_rcnn import build_vitdet_mask_rcnn
 from maedet.models.vit import get_vit_layer_id
@@ -70,6 +70,8 @@ def build_detection_model(cfg, num_classes: int) -> nn.Module:
         rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
         rpn_pre_nms_top_n_test=m.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
         rpn_batch_size_per_image=m.rpn_batch_size_per_image, box_batch_size_per_image=m.box_batch_size_per_image,
+        box_head_conv_dims=tuple(m.box_head_conv_dims), box_head_fc_dim=m.box_head_fc_dim,
+        mask_head_conv_dims=tuple(m.mask_head_conv_dims), anchor_sizes=tuple(m.anchor_sizes),
     )
     return model
 
@@ -163,7 +165,7 @@ class EvalHook(HookBase):
         self.last_results = results
         if not du.is_main_process():
             return
-        logger.info(f"evaluation at iteration {trainer.iter}:\n{print_coco_table(results)}")
+        logger.info(f"evaluation at iteration {trainer.iter} done")
         flat = {k: v for k, v in _flatten(results).items() if v == v}  # drop NaN
         trainer.metrics.write(trainer.iter - 1, flat)
         trainer.metrics.flush()
@@ -306,7 +308,6 @@ def run_evaluation(cfg, device: torch.device) -> Dict[str, Dict[str, float]]:
     model.to(device)
     results = _make_eval_fn(cfg, test_ds, test_json, device)(model)
     if du.is_main_process():
-        print(print_coco_table(results), flush=True)
         atomic_write_text(os.path.join(cfg.output_dir, "eval_metrics.json"),
                           json.dumps({"weights": cfg.model.weights, "dataset": test_json, **results}, indent=2))
     return results
