@@ -78,6 +78,7 @@ class _RestrictedNumpyUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
         ("collections", "OrderedDict"),
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
     }
 
     def __init__(self, f):
