@@ -59,7 +59,7 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu", weights_only: Opt
             raise CheckpointError(
                 f"checkpoint {path} holds Python objects that the safe loader refuses; "
                 "if you trust its source, load it with weights_only=False "
-                "(tools: --trust-checkpoint)"
+                "(tools/convert_checkpoint.py --trust writes a safe copy)"
             ) from e
         raise CheckpointError(f"not a valid checkpoint: {path} ({msg.splitlines()[0] if msg else e})") from e
     except Exception as e:  # the unpicklers raise many types on garbage input
