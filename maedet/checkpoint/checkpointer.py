@@ -45,12 +45,26 @@ class Checkpointer:
         path = os.path.join(self.output_dir, name)
         atomic_save(state, path)
         if update_pointer:
-            atomic_write_text(self.pointer_path, name + "\n")
+            try:
+                atomic_write_text(self.pointer_path, name + "\n")
+            except OSError as e:  # e.g. the disk filled up between the two writes
+                raise CheckpointError(
+                    f"cannot update {self.pointer_path} after writing {path}: {e.strerror or e} "
+                    f"(it still names the previous checkpoint)"
+                ) from e
         self._prune()
         logger.info(f"saved checkpoint {path}")
         return path
 
     def _prune(self) -> None:
+        # temp files of a write that was killed (SIGKILL, power loss); never named by the pointer
+        tmps = glob.glob(os.path.join(self.output_dir, ".model_*.tmp"))
+        tmps += glob.glob(os.path.join(self.output_dir, ".last_checkpoint.*.tmp"))
+        for tmp in tmps:
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
         if self.max_to_keep <= 0:
             return
         files = sorted(f for f in os.listdir(self.output_dir) if _PERIODIC.match(f))
@@ -61,12 +75,6 @@ class Checkpointer:
                     os.remove(os.path.join(self.output_dir, f))
                 except FileNotFoundError:
                     pass
-        for tmp in glob.glob(os.path.join(self.output_dir, ".model_*.tmp")):
-            # temp files of a write that was killed; never referenced by the pointer
-            try:
-                os.remove(tmp)
-            except FileNotFoundError:
-                pass
 
     def last_checkpoint_name(self) -> Optional[str]:
         try:

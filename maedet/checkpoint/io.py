@@ -55,6 +55,13 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu", weights_only: Opt
         return torch.load(path, map_location=map_location, weights_only=bool(weights_only))
     except pickle.UnpicklingError as e:
         msg = str(e)
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+            # neither torch.save's zip archive nor its (protocol >= 2) pickle: say so, rather
+            # than let the safe unpickler's refusal suggest it is a checkpoint with objects
+            raise CheckpointError(f"not a checkpoint: {path} (neither a PyTorch zip archive nor a pickle; "
+                                  f"the file starts with {head!r})") from e
         if weights_only and ("Weights only load failed" in msg or "weights_only" in msg):
             raise CheckpointError(
                 f"checkpoint {path} holds Python objects that the safe loader refuses; "
@@ -64,6 +71,7 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu", weights_only: Opt
         raise CheckpointError(f"not a valid checkpoint: {path} ({msg.splitlines()[0] if msg else e})") from e
     except Exception as e:  # the unpicklers raise many types on garbage input
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first.split(". ")[0]  # torch's zip reader appends a paragraph of advice
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({first})") from e
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import multiprocessing.connection
 import os
+import signal
 import socket
 import sys
 import traceback
@@ -138,7 +140,9 @@ def launch(fn: Callable, num_procs: int, args: Sequence[Any] = ()) -> None:
 
     Under ``torchrun`` (``WORLD_SIZE`` set) or with ``num_procs == 1`` it runs
     in this process. If any process fails, the others are terminated and the
-    launcher exits non-zero; the failing rank's error is on stderr.
+    launcher exits non-zero; the failing rank's error is on stderr. A SIGTERM to
+    the launcher is passed to every process (they save a checkpoint and exit
+    143, and so does the launcher); Ctrl-C stops all of them with exit 130.
     """
     if num_procs <= 1 or "WORLD_SIZE" in os.environ:
         run_tool(functools.partial(fn, *args))
@@ -146,14 +150,61 @@ def launch(fn: Callable, num_procs: int, args: Sequence[Any] = ()) -> None:
     import torch.multiprocessing as mp
 
     port = _find_free_port()
+    ctx = mp.start_processes(_worker, args=(num_procs, port, fn, tuple(args)), nprocs=num_procs,
+                             join=False, start_method="spawn")
+    # A scheduler's SIGTERM reaches this launcher only: pass it on, so that the
+    # workers save a checkpoint and exit with 143 (without this the launcher
+    # dies and the workers get SIGINT from their parent-death signal, saving nothing).
+    stopping = []
+
+    def _forward(signum, frame):
+        stopping.append(signum)
+        for p in ctx.processes:
+            if p.is_alive():
+                try:
+                    os.kill(p.pid, signum)
+                except ProcessLookupError:
+                    pass
+
     try:
-        mp.start_processes(_worker, args=(num_procs, port, fn, tuple(args)), nprocs=num_procs,
-                           join=True, start_method="spawn")
+        prev = signal.signal(signal.SIGTERM, _forward)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        prev = None
+    try:
+        # After a forwarded SIGTERM, let every worker finish its checkpoint before
+        # stragglers are terminated; after a failure, stop the others at once
+        # (SIGTERM, then SIGKILL 30 s later). ``stopping`` is read after the wait,
+        # so a SIGTERM that arrives during it is taken into account.
+        while True:
+            alive = [p.sentinel for p in ctx.processes if p.exitcode is None]
+            if alive:
+                multiprocessing.connection.wait(alive)
+            if ctx.join(timeout=0, grace_period=60.0 if stopping else None):
+                break
     except mp.ProcessExitedException as e:
+        if stopping and e.exit_code == 143:
+            print("stopped by SIGTERM: checkpoint saved; rerun with --resume to continue", file=sys.stderr)
+            sys.exit(143)
         print(f"error: process {e.error_index} exited with code {e.exit_code}; all processes stopped",
               file=sys.stderr)
         sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)
     except mp.ProcessRaisedException as e:
         print(f"error: a process failed:\n{e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: the workers got SIGINT too; wait for them, no traceback
+        for p in ctx.processes:
+            if p.is_alive():
+                try:
+                    os.kill(p.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        for p in ctx.processes:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
     sys.exit(0)

@@ -32,7 +32,7 @@ from maedet.checkpoint.checkpointer import Checkpointer
 from maedet.engine import distributed as du
 from maedet.engine.events import MetricsWriter, format_seconds
 from maedet.engine.schedule import LRSchedule
-from maedet.errors import TrainingError
+from maedet.errors import ConfigError, TrainingError
 
 __all__ = ["Trainer", "HookBase", "get_rng_state", "set_rng_state", "unwrap_model"]
 
@@ -93,7 +93,7 @@ class HookBase:
 class _AMP:
     def __init__(self, mode: str, device: torch.device):
         if mode not in ("off", "bf16", "fp16"):
-            raise ValueError(f"train.amp must be off, bf16 or fp16, got '{mode}'")
+            raise ConfigError(f"train.amp must be off, bf16 or fp16, got '{mode}'")
         self.mode = mode
         self.device_type = device.type
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
@@ -163,7 +163,7 @@ class Trainer:
         images_per_sample: int = 1,
     ):
         if nonfinite not in ("stop", "skip"):
-            raise ValueError(f"train.nonfinite must be stop or skip, got '{nonfinite}'")
+            raise ConfigError(f"train.nonfinite must be stop or skip, got '{nonfinite}'")
         self.device = device
         self.model = model
         if du.get_world_size() > 1:
@@ -292,7 +292,12 @@ class Trainer:
             self.metrics.close()
 
     def _loop(self) -> None:
-        data_iter = iter(self.loader_fn(self.samples_seen))
+        # Creating a DataLoader iterator draws its base seed from the global torch
+        # generator. Keep that draw out of the training RNG stream (which the model
+        # uses, e.g. torchvision's RPN/RoI samplers), or a resumed run, which creates
+        # its iterator at iteration k, would diverge from an uninterrupted one.
+        with torch.random.fork_rng(devices=[]):
+            data_iter = iter(self.loader_fn(self.samples_seen))
         model = self.model
         model.train()
         start_iter = self.iter
@@ -325,6 +330,9 @@ class Trainer:
                             ", ".join(f"{k}={values.get(k, float(total.detach()))}" for k in nonfinite)
                             or "a loss term on another process"
                         )
+                        # log what was seen (a skipped step shows its nan/inf, not 0)
+                        for k, v in values.items():
+                            losses_sum[k] = losses_sum.get(k, 0.0) + v / self.accum_steps
                         continue
                     self.amp.scaler.scale(total / self.accum_steps).backward()
                 for k, v in values.items():
