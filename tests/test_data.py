@@ -476,7 +476,7 @@ def test_image_listed_but_absent(tmp_path, toy_dir, toy_json):
     [
         (lambda d: d["annotations"][2].update(category_id=999), r"annotation id 3 has category_id 999"),
         (lambda d: d["annotations"][1].update(segmentation=[[1.0, 2.0, 3.0, 4.0]]), r"annotation id 2 .*degenerate polygon"),
-        (lambda d: d["annotations"][0].update(bbox=[5.0, 5.0, 0.0, 10.0]), r"annotation id 1 .*zero-area bbox"),
+        (lambda d: d["annotations"][0].update(bbox=[5.0, 5.0, 0.0, 10.0]), r"annotation id 1 .*non-positive width or height"),
         (lambda d: d["images"][1].update(id=d["images"][0]["id"]), r"duplicate image id 1"),
         (lambda d: d.pop("images"), r"missing key 'images'"),
         (lambda d: d.pop("categories"), r"missing key 'categories'"),

@@ -1,6 +1,7 @@
 """MAE pretraining runs: exact resume, 2-process DDP equals 1 process, CLI errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -87,8 +88,18 @@ def free_port():
 
 
 def _run_tool(args, env_extra=None, timeout=300):
+    """Run a tool in its own process group; on timeout the whole group (torchrun's
+    workers included) is killed, so nothing is left behind."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_ddp_two_processes_equal_one(tmp_path, image_root):

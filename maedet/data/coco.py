@@ -164,7 +164,7 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
             raise DatasetError(f"{where}: annotation id {aid} has bbox {bbox!r} (expected [x, y, width, height])")
         problem = None
         if bbox[2] <= 0 or bbox[3] <= 0:
-            problem = f"a zero-area bbox {bbox} (expected width and height > 0)"
+            problem = f"a bbox with non-positive width or height {bbox} (expected width and height > 0)"
         elif "segmentation" not in ann:
             raise DatasetError(f"{where}: annotation id {aid} has no 'segmentation' (expected polygons or RLE)")
         else:

@@ -18,9 +18,8 @@ from maedet.data.catalog import DatasetCatalog
 from maedet.data.coco import CocoInstanceDataset
 from maedet.data.transforms import IMAGENET_MEAN, build_lsj_train_transform
 from maedet.engine import distributed as du
-from maedet.engine.launch import derive_schedule
+from maedet.engine.launch import build_lr_schedule, derive_schedule
 from maedet.engine.optim import build_optimizer, param_groups
-from maedet.engine.schedule import LRSchedule
 from maedet.engine.trainer import HookBase, Trainer, unwrap_model
 from maedet.errors import CheckpointError, ConfigError
 from maedet.evaluation.coco import COCOEvaluator
@@ -63,6 +62,8 @@ def build_detection_model(cfg, num_classes: int) -> nn.Module:
         freeze=b.freeze, freeze_blocks=b.freeze_blocks, attn_impl=b.attn_impl,
     )
     m = cfg.model
+    if len(m.anchor_sizes) != 5:
+        raise ConfigError(f"model.anchor_sizes needs 5 sizes, one per pyramid level p2..p6, got {list(m.anchor_sizes)}")
     model = build_vitdet_mask_rcnn(
         num_classes, vit_kwargs, pyramid_out_channels=m.pyramid_channels, min_size=m.min_size, max_size=m.max_size,
         box_score_thresh=m.box_score_thresh, box_nms_thresh=m.box_nms_thresh,
@@ -262,10 +263,10 @@ def run_training(cfg, device: torch.device, resume: bool = False) -> Dict[str, D
     s = cfg.solver
     logger.info(f"batch {batch} per process x {world} processes x {cfg.train.accum_steps} accumulation = "
                 f"{samples_per_iter}; peak lr {lr:.3e}; {max_iter} iterations ({warmup} warm-up)")
+    schedule = build_lr_schedule(s, max_iter, warmup)
     groups = param_groups(model, s.weight_decay, s.layer_decay, cfg.model.backbone.depth,
                           layer_id_fn=get_vit_layer_id if s.layer_decay != 1.0 else None)
     optimizer = build_optimizer(groups, s.optimizer, lr, s.betas, s.momentum, s.fused, device)
-    schedule = LRSchedule(s.schedule, max_iter, warmup, s.warmup_factor, s.min_lr_ratio, s.steps, s.gamma)
 
     def loader_fn(start: int):
         return build_detection_train_loader(

@@ -9,6 +9,7 @@ import sys
 from typing import Dict, Optional
 
 from maedet.engine.distributed import get_rank
+from maedet.errors import TrainingError
 from maedet.fileio import atomic_write_text
 
 __all__ = ["setup_logger", "MetricsWriter", "format_seconds"]
@@ -85,12 +86,15 @@ class MetricsWriter:
         for k, v in scalars.items():
             v = float(v)
             rec[k] = v if math.isfinite(v) else str(v)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-        if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(k, float(v), iteration)
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+            if self._tb is not None:
+                for k, v in scalars.items():
+                    self._tb.add_scalar(k, float(v), iteration)
+        except OSError as e:
+            raise TrainingError(f"cannot write metrics to {self.path}: {e.strerror or e}") from e
 
     def flush(self) -> None:
         if self._tb is not None:

@@ -18,9 +18,11 @@ import torch
 from maedet.config.loader import save_config
 from maedet.engine import distributed as du
 from maedet.engine.events import setup_logger
+from maedet.engine.schedule import LRSchedule
 from maedet.errors import ConfigError, MaedetError
 
-__all__ = ["default_argument_parser", "run_tool", "setup_run", "launch", "check_writable_dir", "derive_schedule"]
+__all__ = ["default_argument_parser", "run_tool", "setup_run", "launch", "check_writable_dir", "derive_schedule",
+           "build_lr_schedule"]
 
 logger = logging.getLogger("maedet")
 
@@ -119,6 +121,20 @@ def derive_schedule(solver, dataset_len: int, samples_per_iter: int):
         raise ConfigError("set solver.max_iter or solver.epochs to a positive number")
     warmup = solver.warmup_iters if solver.warmup_iters > 0 else int(round(solver.warmup_epochs * iters_per_epoch))
     return lr, max_iter, min(warmup, max_iter)
+
+
+def build_lr_schedule(solver, max_iter: int, warmup: int) -> LRSchedule:
+    """The lr schedule of a :class:`SolverConfig`, with its values checked up front."""
+    if solver.schedule not in ("cosine", "multistep", "constant"):
+        raise ConfigError(f"solver.schedule must be cosine, multistep or constant, got '{solver.schedule}'")
+    if solver.schedule == "multistep":
+        bad = [int(x) for x in solver.steps if not 0 < int(x) < max_iter]
+        if bad:
+            raise ConfigError(f"solver.steps {list(solver.steps)}: steps {bad} are outside (0, max_iter={max_iter})")
+    if solver.optimizer.lower() not in ("adamw", "sgd"):
+        raise ConfigError(f"solver.optimizer must be adamw or sgd, got '{solver.optimizer}'")
+    return LRSchedule(solver.schedule, max_iter, warmup, solver.warmup_factor, solver.min_lr_ratio,
+                      solver.steps, solver.gamma)
 
 
 def _find_free_port() -> int:

@@ -16,9 +16,8 @@ from maedet.data.catalog import DatasetCatalog
 from maedet.data.images import ImageFolderDataset
 from maedet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_mae_transform
 from maedet.engine import distributed as du
-from maedet.engine.launch import derive_schedule
+from maedet.engine.launch import build_lr_schedule, derive_schedule
 from maedet.engine.optim import build_optimizer, param_groups
-from maedet.engine.schedule import LRSchedule
 from maedet.engine.trainer import HookBase, Trainer, unwrap_model
 from maedet.errors import ConfigError
 from maedet.fileio import atomic_write
@@ -159,11 +158,10 @@ def run_pretraining(cfg, device: torch.device, resume: bool = False, extra_hooks
     samples_per_iter = cfg.train.batch_size * world * cfg.train.accum_steps
     lr, max_iter, warmup = derive_schedule(cfg.solver, len(dataset), samples_per_iter)
     logger.info(f"effective batch {samples_per_iter}, peak lr {lr:.3e}, {max_iter} iterations ({warmup} warm-up)")
+    schedule = build_lr_schedule(cfg.solver, max_iter, warmup)
     groups = param_groups(unwrap_model(model), cfg.solver.weight_decay)
     optimizer = build_optimizer(groups, cfg.solver.optimizer, lr, cfg.solver.betas, cfg.solver.momentum,
                                 cfg.solver.fused, device)
-    schedule = LRSchedule(cfg.solver.schedule, max_iter, warmup, cfg.solver.warmup_factor,
-                          cfg.solver.min_lr_ratio, cfg.solver.steps, cfg.solver.gamma)
 
     def loader_fn(start: int):
         return build_pretrain_loader(
