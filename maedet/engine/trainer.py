@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from maedet.checkpoint.checkpointer import Checkpointer
 from maedet.engine import distributed as du
@@ -298,12 +299,22 @@ class Trainer:
         # its iterator at iteration k, would diverge from an uninterrupted one.
         with torch.random.fork_rng(devices=[]):
             data_iter = iter(self.loader_fn(self.samples_seen))
-        model = self.model
-        model.train()
+        self.model.train()
         start_iter = self.iter
         t_start = time.perf_counter()
-        window_start, window_iters, data_time = t_start, 0, 0.0
         logger.info(f"starting training at iteration {self.iter} of {self.max_iter}")
+        # a live bar on a terminal; the periodic log lines carry the same numbers into files
+        bar = tqdm(total=self.max_iter, initial=self.iter, desc="train", dynamic_ncols=True, leave=False,
+                   disable=not (du.is_main_process() and sys.stderr.isatty()))
+        try:
+            self._run_iterations(data_iter, bar, start_iter, t_start)
+        finally:
+            bar.close()
+        self.save_checkpoint()
+
+    def _run_iterations(self, data_iter, bar, start_iter: int, t_start: float) -> None:
+        model = self.model
+        window_start, window_iters, data_time = t_start, 0, 0.0
         while self.iter < self.max_iter:
             lr = self._set_lr(self.iter)
             losses_sum: Dict[str, float] = {}
@@ -359,6 +370,8 @@ class Trainer:
             self.iter += 1
             window_iters += 1
             self.last_losses = losses_sum
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses_sum.values()):.4f}", lr=f"{lr:.2e}", refresh=False)
             stop_flag = self._agree([1.0 if self._stop_signal is not None else 0.0])[0]
 
             if self.iter % self.log_period == 0 or self.iter == self.max_iter or stop_flag:
@@ -374,7 +387,6 @@ class Trainer:
                 self.save_checkpoint()
             for h in self.hooks:
                 h.after_step(self)
-        self.save_checkpoint()
 
     def _log(self, losses: Dict[str, float], lr: float, start_iter: int, t_start: float,
              window_start: float, window_iters: int, data_time: float) -> None:
