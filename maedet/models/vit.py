@@ -197,6 +197,89 @@ def get_decomposed_rel_pos(
     return rel_h.reshape(*lead, q_h * q_w, k_h), rel_w.reshape(*lead, q_h * q_w, k_w)
 
 
+# Elements of one (queries x keys) score block per chunk of the CPU path
+# (fp32: 256 MB); the query chunk is sized so that batch x heads x chunk x N fits.
+_CPU_CHUNK_ELEMENTS = 1 << 26
+
+
+def _rel_pos_bias(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+    """(..., n, k_h) + (..., n, k_w) -> (..., n, k_h * k_w) additive bias (row-major keys)."""
+    return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+
+
+def _query_chunk(q: torch.Tensor, n_keys: int) -> int:
+    rows = max(1, q.numel() // max(1, q.shape[-2] * q.shape[-1]))  # batch x heads
+    return max(1, min(q.shape[-2], _CPU_CHUNK_ELEMENTS // (rows * n_keys)))
+
+
+def _chunked_sdpa_forward(q, k, v, rel_h, rel_w, scale: float, chunk: int) -> torch.Tensor:
+    """SDPA over query chunks with the chunk's (chunk x N) bias as ``attn_mask`` (no grad)."""
+    n = q.shape[-2]
+    if chunk >= n:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_rel_pos_bias(rel_h, rel_w), scale=scale)
+    out = torch.empty_like(q)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        out[..., s:e, :] = F.scaled_dot_product_attention(
+            q[..., s:e, :], k, v, attn_mask=_rel_pos_bias(rel_h[..., s:e, :], rel_w[..., s:e, :]), scale=scale
+        )
+    return out
+
+
+class _ChunkedRelPosAttention(torch.autograd.Function):
+    """``softmax(scale q k^T + bias) v`` that keeps no (N x N) tensor for backward.
+
+    Forward: SDPA (CPU flash kernel, head size unchanged) over query chunks with
+    the chunk's bias as mask. Backward: per query chunk, recompute the
+    probabilities and form the gradients with plain GEMMs (flash-attention
+    style recomputation, but over whole key rows, so no running softmax is
+    needed); the rel-pos gradients are the row / column sums of dS.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, rel_h, rel_w, scale, chunk):
+        out = _chunked_sdpa_forward(q, k, v, rel_h, rel_w, scale, chunk)
+        ctx.save_for_backward(q, k, v, rel_h, rel_w, out)
+        ctx.scale, ctx.chunk = scale, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, rel_h, rel_w, out = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        n, k_h, k_w = q.shape[-2], rel_h.shape[-1], rel_w.shape[-1]
+        dout = dout.contiguous()
+        acc = torch.promote_types(q.dtype, torch.float32)  # float32 for bf16/fp16 inputs
+        dq = torch.empty_like(q)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        drel_h = torch.empty_like(rel_h)
+        drel_w = torch.empty_like(rel_w)
+        delta = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)  # rowsum(dP * P) = dO . O
+        kt, vt = k.transpose(-2, -1), v.transpose(-2, -1)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            qc, doc = q[..., s:e, :], dout[..., s:e, :]
+            logits = torch.matmul(qc, kt).to(acc).mul_(scale)
+            logits += _rel_pos_bias(rel_h[..., s:e, :], rel_w[..., s:e, :]).to(acc)
+            p = logits.softmax(dim=-1)
+            del logits
+            p_lp = p if p.dtype == v.dtype else p.to(v.dtype)
+            dv += torch.matmul(p_lp.transpose(-2, -1), doc).to(acc)
+            del p_lp
+            ds = torch.matmul(doc, vt).to(acc).sub_(delta[..., s:e, :]).mul_(p)  # dS = P * (dP - delta)
+            del p
+            ds4 = ds.unflatten(-1, (k_h, k_w))
+            drel_h[..., s:e, :] = ds4.sum(-1)
+            drel_w[..., s:e, :] = ds4.sum(-2)
+            del ds4
+            ds = ds.to(q.dtype)
+            dq[..., s:e, :] = torch.matmul(ds, k).mul_(scale)
+            dk += torch.matmul(ds.transpose(-2, -1), qc).to(acc)
+            del ds
+        return dq, dk.mul_(scale).to(k.dtype), dv.to(v.dtype), drel_h, drel_w, None, None
+
+
 def attention_rel_pos(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -213,13 +296,26 @@ def attention_rel_pos(
 
     Implementations (equal up to float rounding):
 
-    - ``"sdpa"``: the bias is folded into the dot product. Because the bias of
-      key (k, l) is a row term plus a column term, appending ``rel_h`` and
-      ``rel_w`` to the pre-scaled query and one-hot row / column indicators to
-      the key gives ``q' . k' = scale * q.k + rel_h[k] + rel_w[l]``. The value
-      is zero-padded to the same head size (and all three to a multiple of 8,
-      which the fused GPU kernels want), SDPA runs with ``scale=1`` and the
-      padding is dropped from the output. No (N x N) matrix is materialized.
+    - ``"sdpa"``: never keeps a (N x N) matrix. Two strategies, by device:
+
+      * CUDA (and other non-CPU devices): the bias is folded into the dot
+        product. Because the bias of key (k, l) is a row term plus a column
+        term, appending ``rel_h`` and ``rel_w`` to the pre-scaled query and
+        one-hot row / column indicators to the key gives
+        ``q' . k' = scale * q.k + rel_h[k] + rel_w[l]``. The value is
+        zero-padded to the same head size (the fused kernels need equal q/v
+        head sizes; all three go to a multiple of 8), SDPA runs with
+        ``scale=1`` and the padding is dropped from the output.
+      * CPU: folding grows the head size from ``head_dim`` to
+        ``head_dim + k_h + k_w`` (64 -> 192 for a ViT-B global block at 1024),
+        which triples the work of the CPU flash kernel and made the folded path
+        slower than the explicit one (docs/BENCHMARKS.md). Instead, SDPA runs
+        over chunks of queries with the chunk's (chunk x N) bias as
+        ``attn_mask`` (the CPU flash kernel accepts a mask, head size stays
+        ``head_dim``); with autograd, a custom function keeps only q, k, v,
+        the per-axis terms and the output, and recomputes each chunk's
+        probabilities in backward (the rel-pos gradients are row / column sums
+        of dS). Temporary memory is bounded by ``_CPU_CHUNK_ELEMENTS``.
     - ``"sdpa_mask"``: the bias is expanded to (N x N) and passed as ``attn_mask``.
     - ``"explicit"``: scores, softmax and weighted sum written out (reference).
 
@@ -250,8 +346,15 @@ def attention_rel_pos(
         bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
-    # impl == "sdpa": fold the bias into q and k.
     k_h, k_w = k_size
+    if q.device.type == "cpu":
+        rel_h, rel_w = rel_h.to(q.dtype), rel_w.to(q.dtype)
+        chunk = _query_chunk(q, k.shape[-2])
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_h, rel_w)):
+            return _ChunkedRelPosAttention.apply(q, k, v, rel_h, rel_w, float(scale), chunk)
+        return _chunked_sdpa_forward(q, k, v, rel_h, rel_w, scale, chunk)
+
+    # impl == "sdpa" off the CPU: fold the bias into q and k.
     head_dim = q.shape[-1]
     extra = k_h + k_w
     pad = (-(head_dim + extra)) % 8

@@ -1,0 +1,81 @@
+"""Smoke test of tools/benchmark.py: every task on a tiny config, one timed run, JSON fields."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DET = os.path.join(ROOT, "configs", "quickstart", "mask_rcnn_vit_tiny.yaml")
+MAE = os.path.join(ROOT, "configs", "quickstart", "mae_tiny.yaml")
+# A smaller detector than the quickstart one (narrow heads, few RoIs, 64x64 inputs).
+TINY_DET = ["model.backbone.embed_dim=48", "model.backbone.num_heads=2", "model.backbone.depth=2",
+            "model.backbone.global_blocks=[1]", "model.backbone.window_size=2", "model.pyramid_channels=16",
+            "model.box_head_conv_dims=[16]", "model.box_head_fc_dim=32", "model.mask_head_conv_dims=[16]",
+            "model.rpn_pre_nms_top_n_test=200", "model.rpn_post_nms_top_n_test=200",
+            "model.box_batch_size_per_image=32", "model.num_classes=5"]
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("maedet_benchmark_tool", os.path.join(ROOT, "tools", "benchmark.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return _load_tool()
+
+
+def _run(tool, tmp_path, argv):
+    out = tmp_path / "bench.json"
+    assert tool.main(argv + ["--iters", "1", "--warmup", "0", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["threads"] >= 1 and data["meta"]["device"] == "cpu"
+    return data["results"]
+
+
+def test_pretrain(tool, tmp_path):
+    res = _run(tool, tmp_path, ["--config", MAE, "--task", "pretrain", "--batch-size", "2", "--image-size", "32",
+                                "--amp", "off", "--flops", "model.depth=1", "model.decoder_depth=1"])
+    (r,) = res
+    for key in ("ms_per_step", "images_per_s", "s_per_iter", "cpu_s_per_iter", "peak_mem_mb", "params_total_m",
+                "flops_per_image_g"):
+        assert isinstance(r[key], float) and r[key] >= 0, key
+    assert r["batch_size"] == 2 and r["image_size"] == 32 and "loss_mae" in r["loss"]
+
+
+def test_train_with_compare_and_act_checkpoint(tool, tmp_path):
+    res = _run(tool, tmp_path, ["--config", DET, "--task", "train", "--batch-size", "1", "--image-size", "64",
+                                "--amp", "off", "--compare", "model.backbone.attn_impl=sdpa,explicit"] + TINY_DET)
+    names = [r["variant"] for r in res]
+    assert len(res) == 4 and any("explicit" in n and "act_checkpoint=true" in n for n in names)
+    for r in res:
+        assert r["s_per_iter"] > 0 and r["peak_mem_mb"] >= 0
+        assert set(r["losses"]) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
+                                    "loss_rpn_box_reg"}
+
+
+def test_infer_runs_mask_head_on_100_detections(tool, tmp_path):
+    res = _run(tool, tmp_path, ["--config", DET, "--task", "infer", "--image-size", "64", "--amp", "off",
+                                "--infer-batches", "1,2", "--flops"] + TINY_DET)
+    assert [r["batch_size"] for r in res] == [1, 2]
+    for r in res:
+        assert r["detections_per_image"] == [100] * r["batch_size"]
+        assert r["mask_shape"][0][0] == 100
+        assert r["s_per_image"] > 0 and r["images_per_s"] > 0
+        assert r["flops_full_inference_g"] > r["flops_backbone_pyramid_g"] > r["flops_vit_g"] > 0
+        assert r["params_total_m"] > r["params_vit_m"] > 0
+
+
+def test_data_pipeline(tool, tmp_path):
+    from maedet.data.catalog import DatasetCatalog
+
+    json_file, images = DatasetCatalog.get("fruits_nuts")
+    if not os.path.isfile(json_file):
+        pytest.skip(f"shared test data not found ({json_file})")
+    res = _run(tool, tmp_path, ["--config", DET, "--task", "data", "--workers", "0", "--batch-size", "2",
+                                "data.train.name=fruits_nuts", "data.image_size=128"])
+    (r,) = res
+    assert r["images_per_s"] > 0 and r["batch_size"] == 2 and r["workers"] == 0 and r["dataset_size"] == 18
