@@ -42,7 +42,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maedet.data.images import IMAGE_EXTENSIONS  # noqa: E402
+from maedet.data.images import IMAGE_EXTENSIONS, read_coco_image_entries  # noqa: E402
 from maedet.engine.launch import check_writable_dir, run_tool  # noqa: E402
 from maedet.errors import ConfigError, DatasetError, MaedetError  # noqa: E402
 
@@ -96,20 +96,8 @@ def expand_inputs(items):
 
 def _coco_image_ids(coco_json: str):
     """{normalized file_name: image id} of a COCO json, and the largest id."""
-    try:
-        with open(coco_json, "r", encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise DatasetError(f"--coco-json file not found: {coco_json}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"--coco-json {coco_json} is not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DatasetError(f"--coco-json {coco_json}: missing key 'images' (expected a COCO annotation file)")
-    ids = {}
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not isinstance(img.get("file_name"), str) or "id" not in img:
-            raise DatasetError(f"--coco-json {coco_json}: images[{i}] needs 'file_name' and 'id'")
-        ids[os.path.normpath(img["file_name"]).replace(os.sep, "/")] = int(img["id"])
+    ids = {os.path.normpath(img["file_name"]).replace(os.sep, "/"): int(img["id"])
+           for img in read_coco_image_entries(coco_json, need_id=True)}
     return ids, max(ids.values(), default=0)
 
 

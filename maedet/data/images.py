@@ -112,8 +112,9 @@ def find_images(root: str) -> List[str]:
     return [os.path.join(root, r) for r in rel]
 
 
-def _images_from_coco_json(coco_json: str, image_root: str) -> List[str]:
-    """Image paths listed in a COCO json (``images[*].file_name`` under ``image_root``)."""
+def read_coco_image_entries(coco_json: str, need_id: bool = False) -> List[dict]:
+    """The ``images`` entries of a COCO json, each checked to have a ``file_name``
+    (and an ``id`` with ``need_id``); any problem is a DatasetError naming the file."""
     try:
         with open(coco_json, "r", encoding="utf-8") as f:
             data = json.load(f)
@@ -123,11 +124,16 @@ def _images_from_coco_json(coco_json: str, image_root: str) -> List[str]:
         raise DatasetError(f"not a valid JSON file: {coco_json} ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{coco_json}: missing key 'images' (expected a COCO json with a list of images)")
-    paths = []
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not isinstance(img.get("file_name"), str):
-            raise DatasetError(f"{coco_json}: images[{i}] has no 'file_name' string")
-        paths.append(os.path.join(image_root, img["file_name"]))
+        if not isinstance(img, dict) or not isinstance(img.get("file_name"), str) or (need_id and "id" not in img):
+            need = "'file_name' string and an 'id'" if need_id else "'file_name' string"
+            raise DatasetError(f"{coco_json}: images[{i}] has no {need}")
+    return data["images"]
+
+
+def _images_from_coco_json(coco_json: str, image_root: str) -> List[str]:
+    """Image paths listed in a COCO json (``images[*].file_name`` under ``image_root``)."""
+    paths = [os.path.join(image_root, img["file_name"]) for img in read_coco_image_entries(coco_json)]
     if not paths:
         raise DatasetError(f"{coco_json}: 'images' is empty (expected at least one image)")
     return paths

@@ -52,8 +52,7 @@ __all__ = [
     "build_vitdet_mask_rcnn",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from maedet.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  (one definition for data and model)
 
 
 def _layer_norm_2d(channels: int) -> nn.Module:
