@@ -39,6 +39,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import LevelMapper
 
+from maedet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 from .pyramid import LayerNorm2d, SimpleFeaturePyramid
 from .vit import ViT
 
@@ -52,7 +54,6 @@ __all__ = [
     "build_vitdet_mask_rcnn",
 ]
 
-from maedet.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402  (one definition for data and model)
 
 
 def _layer_norm_2d(channels: int) -> nn.Module:
