@@ -529,3 +529,20 @@ def test_checkpoint_errors(tmp_path):
     # No failed load modified the model (all checks run before loading).
     for k, v in vit.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_anchors_stay_float32_under_bf16_autocast():
+    """Anchors built under bf16 autocast equal the float32 ones (torchvision alone
+    would build them in bfloat16, several pixels off at 1024)."""
+    from torchvision.models.detection.image_list import ImageList
+
+    from maedet.models.mask_rcnn import Float32AnchorGenerator
+
+    gen = Float32AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    images = ImageList(torch.zeros(1, 3, 1024, 1024), [(1024, 1024)])
+    sizes = [256, 128, 64, 32, 16]
+    ref = gen(images, [torch.zeros(1, 8, s, s) for s in sizes])[0]
+    low = gen(images, [torch.zeros(1, 8, s, s, dtype=torch.bfloat16) for s in sizes])[0]
+    again = gen(images, [torch.zeros(1, 8, s, s) for s in sizes])[0]
+    assert low.dtype == torch.float32 and torch.equal(low, ref) and torch.equal(again, ref)
+    assert ref[:, 2].max() > 1000  # far corners: where bfloat16 would round by pixels

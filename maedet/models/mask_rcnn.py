@@ -48,12 +48,25 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "AlignedMultiScaleRoIAlign",
+    "Float32AnchorGenerator",
     "ViTDetRPN",
     "ViTDetRoIHeads",
     "box_regression_loss",
     "build_vitdet_mask_rcnn",
 ]
 
+
+class Float32AnchorGenerator(AnchorGenerator):
+    """torchvision's anchor generator, with anchors always built in float32.
+
+    torchvision builds (and caches) the anchors in the dtype of the feature maps.
+    Under bf16 autocast that dtype is bfloat16, whose 8-bit mantissa puts anchor
+    corners several pixels off at 1024 px, and the cached cell anchors stay
+    bfloat16 for later float32 calls. Box coordinates stay float32 here.
+    """
+
+    def set_cell_anchors(self, dtype: torch.dtype, device: torch.device):
+        super().set_cell_anchors(torch.float32, device)
 
 
 def _layer_norm_2d(channels: int) -> nn.Module:
@@ -392,7 +405,7 @@ def build_vitdet_mask_rcnn(
     roi_levels = [name for name in levels if name != levels[-1]]  # p2..p5 (not the top block)
     roi_strides = [backbone._out_feature_strides[n] for n in roi_levels]
 
-    anchor_generator = AnchorGenerator(
+    anchor_generator = Float32AnchorGenerator(
         sizes=tuple((int(s),) for s in anchor_sizes),
         aspect_ratios=(tuple(float(r) for r in aspect_ratios),) * len(levels),
     )
