@@ -25,7 +25,7 @@ from maedet.errors import CheckpointError, ConfigError
 from maedet.evaluation.coco import COCOEvaluator
 from maedet.fileio import atomic_write_text
 from maedet.models.mask_rcnn import build_vitdet_mask_rcnn
-from maedet.models.vit import get_vit_layer_id
+from maedet.models.vit import get_vit_layer_id, global_blocks_to_window_indexes
 
 __all__ = [
     "resolve_split", "build_detection_model", "load_detection_weights", "detection_loss_fn",
@@ -57,7 +57,7 @@ def build_detection_model(cfg, num_classes: int) -> nn.Module:
     vit_kwargs = dict(
         img_size=b.img_size, patch_size=b.patch_size, embed_dim=b.embed_dim, depth=depth, num_heads=b.num_heads,
         mlp_ratio=b.mlp_ratio, drop_path_rate=b.drop_path_rate, window_size=b.window_size,
-        window_block_indexes=tuple(i for i in range(depth) if i not in set(b.global_blocks)),
+        window_block_indexes=global_blocks_to_window_indexes(depth, b.global_blocks),
         use_rel_pos=b.use_rel_pos, pretrain_img_size=b.pretrain_img_size, use_act_checkpoint=b.act_checkpoint,
         freeze=b.freeze, freeze_blocks=b.freeze_blocks, attn_impl=b.attn_impl,
     )

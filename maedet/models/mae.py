@@ -376,49 +376,36 @@ class MaskedAutoencoderViT(nn.Module):
         }
 
 
+def _mae_factory(kwargs: dict, **defaults) -> MaskedAutoencoderViT:
+    """A model from a factory's defaults (MLP ratio 4, LayerNorm eps 1e-6) and the caller's overrides."""
+    cfg = dict(mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6), **defaults)
+    cfg.update(kwargs)
+    return MaskedAutoencoderViT(**cfg)
+
+
 def mae_vit_tiny_patch16(**kwargs) -> MaskedAutoencoderViT:
     """ViT-Tiny/16 encoder (192 wide, 4 blocks, 3 heads) and a 128-wide, 2-block
     decoder: for tests and CPU quickstarts. Keyword arguments override the defaults."""
-    cfg = dict(
-        patch_size=16, embed_dim=192, depth=4, num_heads=3,
-        decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
-        mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-    )
-    cfg.update(kwargs)
-    return MaskedAutoencoderViT(**cfg)
+    return _mae_factory(kwargs, patch_size=16, embed_dim=192, depth=4, num_heads=3,
+                        decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
 
 
 def mae_vit_base_patch16(**kwargs) -> MaskedAutoencoderViT:
     """ViT-B/16 encoder (768 wide, 12 blocks, 12 heads), 512-wide 8-block decoder."""
-    cfg = dict(
-        patch_size=16, embed_dim=768, depth=12, num_heads=12,
-        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-        mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-    )
-    cfg.update(kwargs)
-    return MaskedAutoencoderViT(**cfg)
+    return _mae_factory(kwargs, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 
 def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT:
     """ViT-L/16 encoder (1024 wide, 24 blocks, 16 heads), 512-wide 8-block decoder."""
-    cfg = dict(
-        patch_size=16, embed_dim=1024, depth=24, num_heads=16,
-        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-        mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-    )
-    cfg.update(kwargs)
-    return MaskedAutoencoderViT(**cfg)
+    return _mae_factory(kwargs, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 
 def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
     """ViT-H/14 encoder (1280 wide, 32 blocks, 16 heads), 512-wide 8-block decoder."""
-    cfg = dict(
-        patch_size=14, embed_dim=1280, depth=32, num_heads=16,
-        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-        mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-    )
-    cfg.update(kwargs)
-    return MaskedAutoencoderViT(**cfg)
+    return _mae_factory(kwargs, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+                        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 
 MAE_MODELS: Dict[str, Callable[..., MaskedAutoencoderViT]] = {

@@ -44,7 +44,8 @@ __all__ = [
 ATTN_IMPLS = ("sdpa", "sdpa_mask", "explicit")
 
 
-def _global_blocks_to_window_indexes(depth: int, global_blocks: Sequence[int]) -> Tuple[int, ...]:
+def global_blocks_to_window_indexes(depth: int, global_blocks: Sequence[int]) -> Tuple[int, ...]:
+    """Indexes of the window-attention blocks of a ViT whose other blocks are global."""
     return tuple(i for i in range(depth) if i not in set(global_blocks))
 
 
@@ -57,28 +58,28 @@ VIT_PRESETS: Dict[str, dict] = {
         depth=4,
         num_heads=3,
         drop_path_rate=0.0,
-        window_block_indexes=_global_blocks_to_window_indexes(4, (1, 3)),
+        window_block_indexes=global_blocks_to_window_indexes(4, (1, 3)),
     ),
     "vit_base": dict(
         embed_dim=768,
         depth=12,
         num_heads=12,
         drop_path_rate=0.1,
-        window_block_indexes=_global_blocks_to_window_indexes(12, (2, 5, 8, 11)),
+        window_block_indexes=global_blocks_to_window_indexes(12, (2, 5, 8, 11)),
     ),
     "vit_large": dict(
         embed_dim=1024,
         depth=24,
         num_heads=16,
         drop_path_rate=0.4,
-        window_block_indexes=_global_blocks_to_window_indexes(24, (5, 11, 17, 23)),
+        window_block_indexes=global_blocks_to_window_indexes(24, (5, 11, 17, 23)),
     ),
     "vit_huge": dict(
         embed_dim=1280,
         depth=32,
         num_heads=16,
         drop_path_rate=0.5,
-        window_block_indexes=_global_blocks_to_window_indexes(32, (7, 15, 23, 31)),
+        window_block_indexes=global_blocks_to_window_indexes(32, (7, 15, 23, 31)),
     ),
 }
 
