@@ -166,8 +166,13 @@ def _reference_rel_pos_attention(attn: Attention, x: torch.Tensor) -> torch.Tens
     return attn.proj(out)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("grid", [(4, 4), (6, 5)])  # (6, 5): rel-pos tables interpolated
-def test_attention_impls_agree_forward_and_backward(grid):
+def test_attention_impls_agree_forward_and_backward(grid, chunked, monkeypatch):
+    if chunked:  # CPU sdpa path over query chunks of 7 rows (the last one shorter)
+        import maedet.models.vit as vit_module
+
+        monkeypatch.setattr(vit_module, "_CPU_CHUNK_ELEMENTS", 2 * 3 * grid[0] * grid[1] * 7)
     torch.manual_seed(0)
     base = Attention(24, 3, use_rel_pos=True, rel_pos_zero_init=False, input_size=(4, 4)).double()
     x0 = torch.randn(2, *grid, 24, dtype=torch.float64)

@@ -199,8 +199,13 @@ def get_decomposed_rel_pos(
 
 
 # Elements of one (queries x keys) score block per chunk of the CPU path
-# (fp32: 256 MB); the query chunk is sized so that batch x heads x chunk x N fits.
-_CPU_CHUNK_ELEMENTS = 1 << 26
+# (fp32: 16 MB); the query chunk is sized so that batch x heads x chunk x N fits.
+# Kept under glibc's largest mmap threshold (32 MB): larger blocks are mmap'ed
+# and unmapped on every allocation, and the page faults of re-mapping them cost
+# more system time than the attention arithmetic (a ViT-B global block at 1024,
+# forward + backward on 2 cores: 2^26 elements 2.9 s wall with 1.8 s of system
+# time, 2^22 2.1 s with none; docs/BENCHMARKS.md).
+_CPU_CHUNK_ELEMENTS = 1 << 22
 
 
 def _rel_pos_bias(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
