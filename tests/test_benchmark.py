@@ -41,8 +41,9 @@ def test_pretrain(tool, tmp_path):
                                 "--amp", "off", "--flops", "model.depth=1", "model.decoder_depth=1"])
     (r,) = res
     for key in ("ms_per_step", "images_per_s", "s_per_iter", "cpu_s_per_iter", "peak_mem_mb", "params_total_m",
-                "flops_per_image_g"):
+                "flops_per_image_g", "optimizer_ms"):
         assert isinstance(r[key], float) and r[key] >= 0, key
+    assert r["optimizer_ms"] < r["ms_per_step"]
     assert r["batch_size"] == 2 and r["image_size"] == 32 and "loss_mae" in r["loss"]
 
 
@@ -53,6 +54,7 @@ def test_train_with_compare_and_act_checkpoint(tool, tmp_path):
     assert len(res) == 4 and any("explicit" in n and "act_checkpoint=true" in n for n in names)
     for r in res:
         assert r["s_per_iter"] > 0 and r["peak_mem_mb"] >= 0
+        assert 0 < r["optimizer_ms"] < 1000 * r["s_per_iter"]
         assert set(r["losses"]) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
                                     "loss_rpn_box_reg"}
 

@@ -2,9 +2,10 @@
 """Speed, memory, parameters and FLOPs of the model a config builds.
 
 Tasks:
-  pretrain  MAE step (forward + backward + optimizer step): ms/step, images/s, peak memory
-  train     ViTDet Mask R-CNN training iteration: s/iter, peak memory, loss breakdown;
-            with and without activation checkpointing (model.backbone.act_checkpoint)
+  pretrain  MAE step (forward + backward + optimizer step): ms/step, images/s, peak memory,
+            and the optimizer step's own time (optimizer_ms, part of the step)
+  train     ViTDet Mask R-CNN training iteration: s/iter, peak memory, loss breakdown,
+            optimizer_ms; with and without activation checkpointing (model.backbone.act_checkpoint)
   infer     ViTDet Mask R-CNN inference at batch 1 and a larger batch with the mask head
             exercised (box_score_thresh=0, detections_per_img=100): s/image, images/s,
             detections per image, peak memory
@@ -199,6 +200,18 @@ class Workload:
     def step(self) -> Dict[str, Any]:
         raise NotImplementedError
 
+    def optimizer_step(self) -> float:
+        """``scaler.step`` + ``update`` + ``zero_grad``; returns its wall time in ms (CUDA synchronized)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return 1000 * (time.perf_counter() - t0)
+
 
 class PretrainWorkload(Workload):
     def __init__(self, cfg, device, amp):
@@ -224,10 +237,7 @@ class PretrainWorkload(Workload):
         with _autocast(self.device, self.amp):
             loss, _, _ = self.net(self.images, mask_ratio=self.cfg.model.mask_ratio, noise=self.noise)
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        return {"loss_mae": float(loss.detach())}
+        return {"loss_mae": float(loss.detach()), "optimizer_ms": self.optimizer_step()}
 
     def flops(self):
         from fvcore.nn import FlopCountAnalysis
@@ -279,10 +289,9 @@ class DetTrainWorkload(Workload):
             losses = self.loss_fn(self.model, self.data, self.device)
         total = sum(losses.values())
         self.scaler.scale(total).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        return {k: float(v.detach()) for k, v in losses.items()}
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out["optimizer_ms"] = self.optimizer_step()
+        return out
 
     def flops(self):
         return _det_flops(self.cfg, self.device, self.cfg.data.image_size)
@@ -442,11 +451,14 @@ def _make_workloads(args, device, variants) -> List[Tuple[str, Workload]]:
 def measure(args, device, variants) -> List[Dict[str, Any]]:
     workloads = _make_workloads(args, device, variants)
     meter = Meter(device)
-    rec = {name: {"wall": [], "cpu": [], "peak": [], "abs": [], "last": None} for name, _ in workloads}
+    rec = {name: {"wall": [], "cpu": [], "peak": [], "abs": [], "opt": [], "last": None} for name, _ in workloads}
     for r in range(args.warmup + args.iters):
         for name, w in workloads:
             wall, cpu, peak, absolute, res = meter(w.step)
-            if r >= args.warmup:  # warm-up runs allocate lasting state (optimizer moments): not counted
+            opt_ms = res.pop("optimizer_ms", None)
+            if r >= args.warmup:
+                if opt_ms is not None:
+                    rec[name]["opt"].append(opt_ms)  # warm-up runs allocate lasting state (optimizer moments): not counted
                 rec[name]["wall"].append(wall)
                 rec[name]["cpu"].append(cpu)
                 rec[name]["peak"].append(peak)
@@ -465,6 +477,8 @@ def measure(args, device, variants) -> List[Dict[str, Any]]:
                  "peak_mem_mb": max(r["peak"]), "peak_mem_abs_mb": max(r["abs"]),
                  "peak_mem_kind": ("cuda max_memory_allocated" if device.type == "cuda"
                                    else "sampled RSS above the RSS before the run")}
+        if r["opt"]:
+            entry["optimizer_ms"] = _median(r["opt"])  # part of s_per_iter
         if args.task == "pretrain":
             entry.update(ms_per_step=1000 * t, images_per_s=n / t, loss=r["last"])
         elif args.task == "train":
@@ -540,6 +554,8 @@ def _print_table(results: List[Dict[str, Any]], task: str, meta: Dict[str, Any])
             extra = " ".join(f"{k}={v:.3f}" for k, v in r["losses"].items())
         else:
             extra = f"{r['s_per_image']:.3f} s/image, detections {r['detections_per_image']}"
+        if "optimizer_ms" in r:
+            extra += f", optimizer {r['optimizer_ms']:.0f} ms"
         if "peak_mem_isolated_mb" in r:
             extra += f", ru_maxrss +{r['peak_mem_isolated_mb']:.0f} MB"
         rows.append([r["variant"], f"{r['s_per_iter']:.3f}", f"{r['cpu_s_per_iter']:.2f}",
