@@ -67,6 +67,44 @@ def test_layer_decay_scales_and_optimizer_lr():
         assert g["lr"] == pytest.approx(lr * expected)
 
 
+def test_fused_adamw_on_cpu_by_default_and_equal_to_foreach():
+    torch.manual_seed(0)
+    models = [_Toy(), _Toy()]
+    models[1].load_state_dict(models[0].state_dict())
+    start = models[0].lin.weight.detach().clone()
+    auto = build_optimizer(param_groups(models[0], 0.1), "adamw", lr=1e-2, device=torch.device("cpu"))
+    off = build_optimizer(param_groups(models[1], 0.1), "adamw", lr=1e-2, fused="off", device=torch.device("cpu"))
+    assert auto.defaults["fused"] and not off.defaults["fused"]
+    x = torch.randn(4, 8)
+    for _ in range(3):
+        for m, opt in zip(models, (auto, off)):
+            m.pos_embed.sum().add(m.norm(m.lin(x)).pow(3).mean()).backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(models[0].lin.weight, start)  # the steps did move the weights
+
+
+def test_amp_modes(monkeypatch):
+    import maedet.engine.amp as amp
+    from maedet.errors import ConfigError
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert amp.resolve_amp("auto", cpu) == "off" and amp.amp_dtype("auto", cpu) is None
+    assert amp.amp_dtype("bf16", cpu) is torch.bfloat16 and amp.amp_dtype("off", cpu) is None
+    with pytest.raises(ConfigError, match="train.amp='fp32'"):
+        amp.resolve_amp("fp32", cpu)
+    # GPU rules, with the capability query replaced (no GPU needed)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100")
+    for supported, expect in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(amp, "_cuda_bf16_supported", lambda d, s=supported: s)
+        assert amp.resolve_amp("auto", gpu) == expect
+        assert amp.resolve_amp("fp16", gpu) == "fp16"
+    with pytest.raises(ConfigError, match="V100 has no bf16"):
+        amp.resolve_amp("bf16", gpu)
+
+
 def test_atomic_save_failure_keeps_previous(tmp_path, monkeypatch):
     path = str(tmp_path / "ck.pth")
     atomic_save({"a": torch.ones(3)}, path)

@@ -168,8 +168,8 @@ def test_bad_inputs_and_options(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(DatasetError, match="bad.jpg"):
         p(str(bad))
-    with pytest.raises(ConfigError):
-        Predictor.from_model(FakeModel(), amp="fp16", device="cpu")
+    with pytest.raises(ConfigError, match="amp='fp32'"):
+        Predictor.from_model(FakeModel(), amp="fp32", device="cpu")
     assert p([]) == []
     # no names: labels as text; no mapping: identity category ids
     q = Predictor.from_model(FakeModel())

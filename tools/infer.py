@@ -133,8 +133,8 @@ def parse_args(argv=None):
     p.add_argument("--score-thresh", type=float, default=0.5, help="keep instances with score >= this (0.5)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: auto)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
-                   help="autocast dtype (fp16 on CUDA only)")
+    p.add_argument("--amp", default="off", choices=["off", "auto", "bf16", "fp16"],
+                   help="autocast dtype (auto: bf16 on GPUs that support it, fp16 on older GPUs, off on CPU)")
     p.add_argument("--alpha", type=float, default=0.5, help="mask overlay opacity (default 0.5)")
     p.add_argument("opts", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. model.min_size=800 (put them before --input)")

@@ -68,7 +68,7 @@ class TrainConfig:
     # so a recipe keeps its batch (and lr) whatever the number of GPUs.
     total_batch_size: int = 0
     accum_steps: int = 1
-    amp: str = "off"  # off | bf16 | fp16
+    amp: str = "off"  # auto | off | bf16 | fp16 (auto: bf16 on GPUs that support it, fp16 on older ones, off on CPU)
     num_workers: int = 2
     pin_memory: bool = True
     persistent_workers: bool = True

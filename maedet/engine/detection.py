@@ -18,6 +18,7 @@ from maedet.data.catalog import DatasetCatalog
 from maedet.data.coco import CocoInstanceDataset
 from maedet.data.transforms import IMAGENET_MEAN, build_lsj_train_transform
 from maedet.engine import distributed as du
+from maedet.engine.amp import amp_dtype, autocast
 from maedet.engine.launch import build_lr_schedule, derive_schedule
 from maedet.engine.optim import build_optimizer, param_groups
 from maedet.engine.trainer import HookBase, Trainer, unwrap_model
@@ -123,15 +124,12 @@ def inference_on_dataset(model: nn.Module, loader, evaluator: COCOEvaluator, dev
     was_training = model.training
     model.eval()
     evaluator.reset()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    dtype = amp_dtype(amp, device)
     n, t0 = 0, time.perf_counter()
     total = len(loader)
     for i, (images, targets) in enumerate(loader):
         inputs = _images_to_device(images, device)
-        if dtype is not None:
-            with torch.autocast(device.type, dtype=dtype):
-                outputs = model(inputs)
-        else:
+        with autocast(device, dtype):
             outputs = model(inputs)
         outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
         evaluator.process([t["image_id"] for t in targets], outputs)

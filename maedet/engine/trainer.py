@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from maedet.checkpoint.checkpointer import Checkpointer
 from maedet.engine import distributed as du
+from maedet.engine.amp import amp_dtype, autocast, resolve_amp
 from maedet.engine.events import MetricsWriter, format_seconds
 from maedet.engine.schedule import LRSchedule
 from maedet.errors import ConfigError, TrainingError
@@ -93,17 +94,14 @@ class HookBase:
 
 class _AMP:
     def __init__(self, mode: str, device: torch.device):
-        if mode not in ("off", "bf16", "fp16"):
-            raise ConfigError(f"train.amp must be off, bf16 or fp16, got '{mode}'")
-        self.mode = mode
-        self.device_type = device.type
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=(mode == "fp16"))
+        self.requested = mode
+        self.mode = resolve_amp(mode, device)
+        self.device = device
+        self.dtype = amp_dtype(self.mode, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=(self.mode == "fp16"))
 
     def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
 
 class Trainer:
@@ -124,7 +122,7 @@ class Trainer:
             (batch per process x processes x accumulation steps).
         output_dir: where logs and checkpoints go.
         device: compute device.
-        amp: ``off`` | ``bf16`` | ``fp16``.
+        amp: ``auto`` | ``off`` | ``bf16`` | ``fp16`` (see :mod:`maedet.engine.amp`).
         accum_steps: micro-batches per optimizer step.
         clip_grad_norm: max global grad norm (0 = no clipping).
         checkpoint_period: save every N iterations (0 = only at the end / on SIGTERM).
@@ -302,7 +300,8 @@ class Trainer:
         self.model.train()
         start_iter = self.iter
         t_start = time.perf_counter()
-        logger.info(f"starting training at iteration {self.iter} of {self.max_iter}")
+        amp = self.amp.mode + (f" (train.amp={self.amp.requested})" if self.amp.requested != self.amp.mode else "")
+        logger.info(f"starting training at iteration {self.iter} of {self.max_iter}, amp: {amp}")
         # a live bar on a terminal; the periodic log lines carry the same numbers into files
         bar = tqdm(total=self.max_iter, initial=self.iter, desc="train", dynamic_ncols=True, leave=False,
                    disable=not (du.is_main_process() and sys.stderr.isatty()))

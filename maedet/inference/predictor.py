@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from maedet.data.images import read_image_rgb
+from maedet.engine.amp import amp_dtype, autocast
 from maedet.errors import CheckpointError, ConfigError
 
 __all__ = ["Predictor", "resolve_device"]
 
 ImageInput = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 
-_AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -52,16 +52,6 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"unsupported device {device!r} (expected cpu, cuda, cuda:N or auto)")
     return dev
-
-
-def _amp_dtype(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
-    amp = "off" if amp in (None, False, "", "none") else str(amp)
-    if amp not in _AMP_DTYPES:
-        raise ConfigError(f"amp={amp!r}: expected one of off, bf16, fp16")
-    dtype = _AMP_DTYPES[amp]
-    if dtype is torch.float16 and device.type != "cuda":
-        raise ConfigError("amp=fp16 needs a CUDA device; on CPU use amp=bf16 or amp=off")
-    return dtype
 
 
 def _peek_checkpoint_meta(path: str) -> Dict[str, Any]:
@@ -97,8 +87,9 @@ class Predictor:
             checkpoint or ``{"model": state_dict, "meta": {...}}``), loaded with
             :func:`maedet.engine.detection.load_detection_weights` (strict keys and shapes).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device``.
-        amp: ``"off"``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA only): autocast
-            dtype of the forward pass. Outputs are float32 either way.
+        amp: ``"off"``, ``"auto"``, ``"bf16"`` or ``"fp16"`` (see
+            :mod:`maedet.engine.amp`): autocast dtype of the forward pass.
+            Outputs are float32 either way.
         score_thresh: keep instances with ``score >= score_thresh`` (None: keep
             what the model returns, i.e. ``model.box_score_thresh``). A value below
             the model's own threshold lowers that threshold too.
@@ -190,7 +181,7 @@ class Predictor:
 
     def _setup(self, model, class_names, label_to_cat_id, device, amp, score_thresh, num_classes) -> None:
         self.device = device
-        self.amp_dtype = _amp_dtype(amp, device)
+        self.amp_dtype = amp_dtype(amp, device, key="amp")
         self.model = model.to(device).eval()
         self.score_thresh = None if score_thresh is None else float(score_thresh)
         self.num_classes = num_classes
@@ -320,10 +311,7 @@ class Predictor:
         sizes = [tuple(int(s) for s in t.shape[-2:]) for t in tensors]
         with torch.inference_mode():
             batch = [t.to(self.device, non_blocking=True) for t in tensors]
-            if self.amp_dtype is not None:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype):
-                    outputs = self.model(batch)
-            else:
+            with autocast(self.device, self.amp_dtype):
                 outputs = self.model(batch)
             results = [self._convert(o, s, return_rle) for o, s in zip(outputs, sizes)]
         return results[0] if single else results
