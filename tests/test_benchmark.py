@@ -78,6 +78,9 @@ def test_data_pipeline(tool, tmp_path):
     if not os.path.isfile(json_file):
         pytest.skip(f"shared test data not found ({json_file})")
     res = _run(tool, tmp_path, ["--config", DET, "--task", "data", "--workers", "0", "--batch-size", "2",
-                                "data.train.name=fruits_nuts", "data.image_size=128"])
+                                "data.train.name=fruits_nuts", "data.image_size=128", "--decode-images", "3"])
     (r,) = res
     assert r["images_per_s"] > 0 and r["batch_size"] == 2 and r["workers"] == 0 and r["dataset_size"] == 18
+    d = r["decode"]  # the three decoders ran on the same 3 files and agreed on every size
+    assert d["images"] == 3 and set(d["images_per_s"]) == {"opencv (used)", "pil", "torchvision.io"}
+    assert d["megapixels"] > 0 and all(v > 0 for v in d["images_per_s"].values())

@@ -48,8 +48,8 @@ parameters by ``fvcore.nn.parameter_count``. On CUDA, model FLOP utilization =
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import io
 import itertools
 import json
 import os
@@ -131,10 +131,16 @@ class Meter:
 
 
 def _autocast(device: torch.device, amp: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    from maedet.engine.amp import amp_dtype, autocast
+
+    return autocast(device, amp_dtype(amp, device))
+
+
+def _amp_mode(args, cfg, device: torch.device) -> str:
+    """--amp, else the config's train.amp, resolved for ``device`` (``auto`` -> off / bf16 / fp16)."""
+    from maedet.engine.amp import resolve_amp
+
+    return resolve_amp(args.amp or cfg.train.amp, device, key="--amp" if args.amp else "train.amp")
 
 
 def _median(xs: Sequence[float]) -> Optional[float]:
@@ -394,6 +400,9 @@ def run_data(cfg, kind: str, args) -> Dict[str, Any]:
         loader = build_detection_train_loader(ds, batch_size=per_process_batch(cfg.train),
                                               num_workers=args.workers, seed=0, persistent_workers=False)
         desc = f"{name}: decode + LSJ {d.image_size} (scale {d.min_scale}-{d.max_scale}) + masks + collate"
+    paths = (list(ds.paths) if kind == "pretrain"
+             else [ds.get_image_info(i)["file_path"] for i in range(len(ds))])
+    decode = _decode_rates(paths[:args.decode_images])
     it = iter(loader)
     bsz = None
     for _ in range(args.warmup):
@@ -408,7 +417,53 @@ def run_data(cfg, kind: str, args) -> Dict[str, Any]:
     return {"pipeline": desc, "dataset_size": len(ds), "workers": args.workers, "batch_size": bsz,
             "batches_timed": args.iters, "images_per_s": bsz * args.iters / total,
             "s_per_batch_median": _median(times),
-            "note": "mean rate over the timed batches after warm-up batches (workers started and prefetching)"}
+            "note": "mean rate over the timed batches after warm-up batches (workers started and prefetching)",
+            "decode": decode}
+
+
+def _decode_rates(paths: Sequence[str]) -> Dict[str, Any]:
+    """Decode-only rate (file bytes in memory -> RGB uint8 array / tensor) of each JPEG/PNG
+    decoder on ``paths``, one thread, interleaved per image; the pipeline uses OpenCV."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_image
+
+    blobs = []
+    for p in paths:
+        with open(p, "rb") as f:
+            blobs.append(f.read())
+    decoders = {
+        "opencv (used)": lambda b: cv2.imdecode(np.frombuffer(b, np.uint8),
+                                                cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)[:, :, ::-1],
+        "pil": lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB")),
+        "torchvision.io": lambda b: decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8),
+                                                 mode=ImageReadMode.RGB),
+    }
+    threads = torch.get_num_threads()
+    cv_threads = cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        total = {k: 0.0 for k in decoders}
+        pixels = 0
+        for b in blobs:
+            shapes = set()
+            for name, fn in decoders.items():
+                t0 = time.perf_counter()
+                img = fn(b)
+                total[name] += time.perf_counter() - t0
+                shapes.add(tuple(img.shape[1:]) if isinstance(img, torch.Tensor) else tuple(img.shape[:2]))
+            if len(shapes) != 1:
+                raise RuntimeError(f"decoders disagree on the image size: {sorted(shapes)}")
+            h, w = shapes.pop()
+            pixels += h * w
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)
+    n = len(blobs)
+    return {"images": n, "megapixels": pixels / 1e6,
+            "images_per_s": {k: n / t for k, t in total.items() if t > 0}}
 
 
 # ----------------------------------------------------------------------------- main logic
@@ -438,11 +493,11 @@ def _make_workloads(args, device, variants) -> List[Tuple[str, Workload]]:
         if args.task == "infer":
             for b in args.infer_batches:
                 cfg, _ = load_cfg(args.config, list(args.opts) + var, args.task, args)
-                amp = args.amp or cfg.train.amp
+                amp = _amp_mode(args, cfg, device)
                 out.append((" ".join(var + [f"batch={b}"]), DetInferWorkload(cfg, device, amp, b)))
             continue
         cfg, kind = load_cfg(args.config, list(args.opts) + var, args.task, args)
-        amp = args.amp or cfg.train.amp
+        amp = _amp_mode(args, cfg, device)
         w = PretrainWorkload(cfg, device, amp) if kind == "pretrain" else DetTrainWorkload(cfg, device, amp)
         out.append((" ".join(var) or "default", w))
     return out
@@ -520,7 +575,7 @@ def _run_isolated(args, variants) -> List[Dict[str, Any]]:
 
 def _child_argv(args) -> List[str]:
     a = ["--config", args.config, "--task", args.task, "--device", args.device, "--iters", str(args.iters),
-         "--warmup", str(args.warmup), "--workers", str(args.workers),
+         "--warmup", str(args.warmup), "--workers", str(args.workers), "--decode-images", str(args.decode_images),
          "--infer-batches", ",".join(str(b) for b in args.infer_batches), "--detections", str(args.detections)]
     for flag, val in (("--amp", args.amp), ("--batch-size", args.batch_size), ("--image-size", args.image_size),
                       ("--threads", args.threads), ("--peak-tflops", args.peak_tflops)):
@@ -542,6 +597,10 @@ def _print_table(results: List[Dict[str, Any]], task: str, meta: Dict[str, Any])
         r = results[0]
         print(f"{r['pipeline']}\nworkers={r['workers']} batch={r['batch_size']}: {r['images_per_s']:.2f} images/s "
               f"({r['batches_timed']} batches)")
+        d = r["decode"]
+        if d["images"]:
+            rates = ", ".join(f"{k} {v:.1f}" for k, v in d["images_per_s"].items())
+            print(f"decode only, 1 thread, {d['images']} images ({d['megapixels']:.1f} MPix): {rates} images/s")
         return
     base = results[0]["s_per_iter"]
     cols = ["variant", "s/iter", "cpu s", "ratio", "img/s", "peak MB", "extra"]
@@ -578,7 +637,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--iters", type=int, default=5, help="timed runs per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first")
-    p.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None, help="default: the config's train.amp")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=None,
+                   help="default: the config's train.amp (auto: bf16 on GPUs that support it, fp16 on older "
+                        "GPUs, off on CPU)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     p.add_argument("--batch-size", type=int, default=0, help="pretrain/train/data batch (default: the config's)")
     p.add_argument("--image-size", type=int, default=0, help="input side (default: the config's)")
@@ -586,6 +647,8 @@ def parse_args(argv=None):
     p.add_argument("--detections", type=int, default=100, help="infer: detections_per_img forced (score thresh 0)")
     p.add_argument("--keep-thresholds", action="store_true", help="infer: keep the config's score thresh / max dets")
     p.add_argument("--workers", type=int, default=2, help="data: DataLoader workers")
+    p.add_argument("--decode-images", type=int, default=50,
+                   help="data: images for the decode-only comparison of OpenCV, PIL and torchvision.io (0: skip)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: train.threads or torch's)")
     p.add_argument("--compare", "--ab", action="append", default=[], metavar="KEY=V1,V2",
                    help="measure each value in one process, interleaved (repeatable: product of values)")
@@ -617,7 +680,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     meta = {"task": args.task, "config": args.config, "overrides": list(args.opts), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "amp": args.amp or probe_cfg.train.amp,
+            "threads": torch.get_num_threads(), "amp": _amp_mode(args, probe_cfg, device),
             "torch": torch.__version__, "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "cpu_count": os.cpu_count()}
     try:
