@@ -120,6 +120,18 @@ def test_ddp_two_processes_equal_one(tmp_path, image_root):
     for (_, l1, lr1), (_, l2, lr2) in zip(la, lb):
         assert l1 == pytest.approx(l2, rel=1e-4) and lr1 == lr2
 
+    # The same 2-process run with gradients all-reduced in fp16 (train.ddp_grad_compression):
+    # close to the uncompressed result, but not bit-equal, so the hook really ran.
+    half = _run_tool(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                      "tools/pretrain.py", *common, "--output-dir", str(tmp_path / "half"), "train.batch_size=4",
+                      "train.ddp_grad_compression=fp16"])
+    assert half.returncode == 0, half.stderr[-3000:] + half.stdout[-3000:]
+    assert "DDP gradients all-reduced in fp16" in half.stderr + half.stdout
+    c = torch.load(tmp_path / "half" / "encoder_final.pth")["model"]
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], rtol=1e-2, atol=1e-3, msg=k)
+    assert any(not torch.equal(c[k], b[k]) for k in b)
+
 
 @pytest.mark.parametrize("override,needle", [
     (["model.depthh=2"], "model.depthh"),

@@ -78,6 +78,7 @@ class TrainConfig:
     nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
     compile: bool = False  # torch.compile the backbone
     ddp_grad_compression: str = "none"  # none | bf16 | fp16
+    ddp_bucket_view: bool = True  # DDP gradient_as_bucket_view: grads are views into the all-reduce buckets
     ddp_find_unused: bool = False
     threads: int = 0  # CPU threads for torch (0 = torch default)
 

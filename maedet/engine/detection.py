@@ -283,7 +283,7 @@ def run_training(cfg, device: torch.device, resume: bool = False) -> Dict[str, D
         checkpoint_period=cfg.train.checkpoint_period, log_period=cfg.train.log_period,
         max_to_keep=cfg.train.max_to_keep, nonfinite=cfg.train.nonfinite, hooks=[eval_hook],
         ddp_kwargs={"find_unused_parameters": cfg.train.ddp_find_unused},
-        ddp_grad_compression=cfg.train.ddp_grad_compression,
+        ddp_grad_compression=cfg.train.ddp_grad_compression, ddp_bucket_view=cfg.train.ddp_bucket_view,
     )
     if resume:
         trainer.resume()

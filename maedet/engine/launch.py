@@ -133,6 +133,8 @@ def build_lr_schedule(solver, max_iter: int, warmup: int) -> LRSchedule:
             raise ConfigError(f"solver.steps {list(solver.steps)}: steps {bad} are outside (0, max_iter={max_iter})")
     if solver.optimizer.lower() not in ("adamw", "sgd"):
         raise ConfigError(f"solver.optimizer must be adamw or sgd, got '{solver.optimizer}'")
+    if solver.fused not in ("auto", "on", "off"):
+        raise ConfigError(f"solver.fused must be auto, on or off, got '{solver.fused}'")
     return LRSchedule(solver.schedule, max_iter, warmup, solver.warmup_factor, solver.min_lr_ratio,
                       solver.steps, solver.gamma)
 

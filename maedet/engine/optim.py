@@ -79,6 +79,8 @@ def build_optimizer(
     111 M parameters 4-5x faster than the foreach kernel, docs/BENCHMARKS.md),
     the foreach one elsewhere; ``on``/``off`` force it.
     """
+    if fused not in ("auto", "on", "off"):
+        raise ValueError(f"fused must be auto, on or off, got '{fused}'")
     for g in groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     name = name.lower()

@@ -182,7 +182,7 @@ def run_pretraining(cfg, device: torch.device, resume: bool = False, extra_hooks
         clip_grad_norm=cfg.solver.clip_grad_norm, checkpoint_period=cfg.train.checkpoint_period,
         log_period=cfg.train.log_period, max_to_keep=cfg.train.max_to_keep, nonfinite=cfg.train.nonfinite,
         hooks=hooks, ddp_kwargs={"find_unused_parameters": cfg.train.ddp_find_unused},
-        ddp_grad_compression=cfg.train.ddp_grad_compression,
+        ddp_grad_compression=cfg.train.ddp_grad_compression, ddp_bucket_view=cfg.train.ddp_bucket_view,
     )
     if resume:
         trainer.resume()

@@ -134,6 +134,7 @@ class Trainer:
         extra_state: extra picklable-by-weights entries stored in checkpoints.
         ddp_kwargs: passed to ``DistributedDataParallel``.
         ddp_grad_compression: ``none`` | ``bf16`` | ``fp16`` communication hook.
+        ddp_bucket_view: DDP ``gradient_as_bucket_view`` (see :func:`maedet.engine.distributed.wrap_ddp`).
     """
 
     def __init__(
@@ -159,23 +160,18 @@ class Trainer:
         extra_state: Optional[Dict[str, Any]] = None,
         ddp_kwargs: Optional[Dict[str, Any]] = None,
         ddp_grad_compression: str = "none",
+        ddp_bucket_view: bool = True,
         images_per_sample: int = 1,
     ):
         if nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite must be stop or skip, got '{nonfinite}'")
+        du.check_grad_compression(ddp_grad_compression)
         self.device = device
         self.model = model
         if du.get_world_size() > 1:
-            kwargs = dict(ddp_kwargs or {})
-            kwargs.setdefault("gradient_as_bucket_view", True)
-            if device.type == "cuda":
-                kwargs.setdefault("device_ids", [device.index if device.index is not None else 0])
-            self.model = DistributedDataParallel(model, **kwargs)
+            self.model = du.wrap_ddp(model, device, ddp_grad_compression, ddp_bucket_view, **(ddp_kwargs or {}))
             if ddp_grad_compression != "none":
-                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-                hook = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
-                self.model.register_comm_hook(None, hook[ddp_grad_compression])
+                logger.info(f"DDP gradients all-reduced in {ddp_grad_compression} (train.ddp_grad_compression)")
         self.optimizer = optimizer
         self.loader_fn = loader_fn
         self.loss_fn = loss_fn

@@ -43,6 +43,7 @@ CONFIG_CASES = {
     "not yaml": ({"c.yaml": "model: [unclosed\n"}, [], ["c.yaml", "YAML"]),
     "bad amp value": ({}, ["train.amp=fp32"], ["train.amp", "fp32"]),
     "bad nonfinite value": ({}, ["train.nonfinite=ignore"], ["train.nonfinite", "ignore"]),
+    "bad ddp_grad_compression value": ({}, ["train.ddp_grad_compression=int8"], ["train.ddp_grad_compression", "int8"]),
 }
 
 
@@ -63,6 +64,7 @@ def test_bad_config(tmp_path, toy, capsys, case):
     ("solver.steps=[99]", "solver.steps"),
     ("solver.schedule=linear", "solver.schedule"),
     ("solver.optimizer=adam", "solver.optimizer"),
+    ("solver.fused=fast", "solver.fused"),
     ("model.anchor_sizes=[8,16]", "model.anchor_sizes"),
 ])
 def test_bad_config_value_checked_late(tmp_path, toy, capsys, override, needle):
