@@ -84,3 +84,24 @@ def test_data_pipeline(tool, tmp_path):
     d = r["decode"]  # the three decoders ran on the same 3 files and agreed on every size
     assert d["images"] == 3 and set(d["images_per_s"]) == {"opencv (used)", "pil", "torchvision.io"}
     assert d["megapixels"] > 0 and all(v > 0 for v in d["images_per_s"].values())
+
+
+def test_ddp_allreduce_two_processes(tmp_path):
+    """--task ddp spawns its process groups, so it runs as a user would run it (a subprocess)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--config", MAE, "--task", "ddp",
+                        "--procs", "2", "--iters", "2", "--warmup", "1", "--json", str(out),
+                        "--compare", "train.ddp_grad_compression=none,bf16", "model.depth=1", "model.decoder_depth=1"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert [r["ddp_grad_compression"] for r in res] == ["none", "bf16"]
+    full, half = res
+    assert full["procs"] == 2 and full["backend"] == "gloo" and full["params_m"] > 0
+    assert half["allreduce_mb_per_iter"] == pytest.approx(full["allreduce_mb_per_iter"] / 2)
+    assert full["allreduce_mb_per_iter"] == pytest.approx(full["params_m"] * 1e6 * 4 / 2**20)
+    for r in res:
+        assert r["s_per_iter"] > 0 and len(r["s_per_iter_all"]) == 2 and r["peak_mem_since_wrap_mb"] >= 0

@@ -11,6 +11,10 @@ Tasks:
             detections per image, peak memory
   data      the training data pipeline alone (decode + augment + collate) on data.train
             (detection) or data.* (pretrain configs) with --workers W: images/s
+  ddp       DistributedDataParallel's gradient all-reduce for the config's model with --procs P
+            processes (gloo on CPU, NCCL on CUDA): ms per backward of a probe loss that gives every
+            parameter a gradient at almost no compute, bytes all-reduced, peak memory per process;
+            e.g. --compare train.ddp_grad_compression=none,bf16 --compare train.ddp_bucket_view=true,false
 
 Examples:
   python tools/benchmark.py --config configs/mae/mae_vit_base_patch16.yaml --task pretrain \\
@@ -65,7 +69,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-TASKS = ("pretrain", "train", "infer", "data")
+TASKS = ("pretrain", "train", "infer", "data", "ddp")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -152,7 +156,7 @@ def load_cfg(config: str, overrides: Sequence[str], task: str, args) -> Any:
     from maedet.config import DetectionConfig, PretrainConfig, load_config
 
     ov = list(overrides)
-    if task == "pretrain" or (task == "data" and _is_pretrain_config(config)):
+    if task == "pretrain" or (task in ("data", "ddp") and _is_pretrain_config(config)):
         if args.image_size:
             ov = [f"model.img_size={args.image_size}", f"data.input_size={args.image_size}"] + ov
         if args.batch_size:
@@ -466,6 +470,108 @@ def _decode_rates(paths: Sequence[str]) -> Dict[str, Any]:
             "images_per_s": {k: n / t for k, t in total.items() if t > 0}}
 
 
+class _GradProbe(torch.nn.Module):
+    """``forward() = sum_i <p_i, s_i>`` over the trainable parameters with fixed random ``s_i``.
+
+    Backward writes ``s_i`` into every parameter's gradient at almost no compute, so
+    what a DDP-wrapped probe's backward costs is DDP's own work: bucketing and the
+    all-reduce (with its communication hook)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        g = torch.Generator().manual_seed(0)
+        self.seeds = [torch.randn(p.shape, generator=g).to(p.device) for p in self._params()]
+
+    def _params(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def forward(self):
+        return sum((p * s).sum() for p, s in zip(self._params(), self.seeds))
+
+
+def _ddp_worker(rank: int, world: int, port: int, args, variant: List[str], out_q) -> None:
+    import torch.distributed as dist
+
+    from maedet.engine.distributed import wrap_ddp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(max(1, (args.threads or os.cpu_count() or 1) // world))
+        cfg, kind = load_cfg(args.config, list(args.opts) + variant, args.task, args)
+        if kind == "pretrain":
+            from maedet.engine.pretrain import build_mae_model
+
+            model = build_mae_model(cfg.model)
+        else:
+            model = _build_det(cfg, _num_classes(cfg), torch.device("cpu"))
+        probe = _GradProbe(model.to(device))
+        numel = sum(p.numel() for p in probe._params())
+        meter = Meter(device)
+        rss0 = _rss_bytes()
+        ddp = wrap_ddp(probe, device, cfg.train.ddp_grad_compression, cfg.train.ddp_bucket_view)
+
+        def step():
+            ddp().backward()
+            for q in probe._params():
+                q.grad = None
+
+        walls, peaks = [], []
+        for r in range(args.warmup + args.iters):
+            dist.barrier()
+            wall, _, peak, _, _ = meter(step)
+            if r >= args.warmup:
+                walls.append(wall)
+                peaks.append(peak)
+        peak_all = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0) / 2**20
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, {"wall": walls, "peak": max(peaks), "peak_since_wrap": peak_all})
+        if rank == 0:
+            comp = cfg.train.ddp_grad_compression
+            out_q.put({"variant": " ".join(variant) or "default", "procs": world,
+                       "backend": dist.get_backend(), "params_m": numel / 1e6,
+                       "ddp_grad_compression": comp, "ddp_bucket_view": bool(cfg.train.ddp_bucket_view),
+                       "allreduce_mb_per_iter": numel * (2 if comp != "none" else 4) / 2**20,
+                       "iters": args.iters, "warmup": args.warmup,
+                       # the slowest rank sets the step time
+                       "s_per_iter": max(_median(x["wall"]) for x in per_rank),
+                       "s_per_iter_all": [x["wall"] for x in per_rank],
+                       "peak_mem_mb": max(x["peak"] for x in per_rank),
+                       "peak_mem_since_wrap_mb": max(x["peak_since_wrap"] for x in per_rank),
+                       "peak_mem_kind": ("cuda max_memory_allocated per process" if device.type == "cuda" else
+                                         "RSS per process: sampled above the start of each run; "
+                                         "and ru_maxrss above the RSS before DDP wrapped the model"),
+                       "note": "probe loss: every parameter gets a gradient at almost no compute, so the time "
+                               "is DDP's bucketing + all-reduce (+ compression hook)"})
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ddp(args) -> List[Dict[str, Any]]:
+    """One group of --procs fresh processes per variant (so memory is per variant)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if args.device == "cuda" and torch.cuda.device_count() < args.procs:
+        raise SystemExit(f"error: --procs {args.procs} needs as many GPUs, found {torch.cuda.device_count()}")
+    results = []
+    for var in _variants(args):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        mp.start_processes(_ddp_worker, args=(args.procs, port, args, var, q), nprocs=args.procs,
+                           start_method="spawn", join=True)
+        results.append(q.get(timeout=60))
+    return results
+
+
 # ----------------------------------------------------------------------------- main logic
 def _parse_ab(specs: Sequence[str]) -> List[Tuple[str, List[str]]]:
     out = []
@@ -590,6 +696,14 @@ def _child_argv(args) -> List[str]:
     return a
 
 
+def _print_rows(cols: List[str], rows: List[List[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+    print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+
+
 def _print_table(results: List[Dict[str, Any]], task: str, meta: Dict[str, Any]) -> None:
     print(f"# task={task} device={meta['device']} threads={meta['threads']} amp={meta['amp']} "
           f"torch={meta['torch']} load={meta['loadavg']}")
@@ -601,6 +715,15 @@ def _print_table(results: List[Dict[str, Any]], task: str, meta: Dict[str, Any])
         if d["images"]:
             rates = ", ".join(f"{k} {v:.1f}" for k, v in d["images_per_s"].items())
             print(f"decode only, 1 thread, {d['images']} images ({d['megapixels']:.1f} MPix): {rates} images/s")
+        return
+    if task == "ddp":
+        base = results[0]["s_per_iter"]
+        cols = ["variant", "ms/iter", "ratio", "all-reduce MB", "peak MB (run)", "peak MB (since DDP wrap)"]
+        rows = [[r["variant"], f"{1000 * r['s_per_iter']:.0f}", f"{r['s_per_iter'] / base:.3f}",
+                 f"{r['allreduce_mb_per_iter']:.0f}", f"{r['peak_mem_mb']:.0f}", f"{r['peak_mem_since_wrap_mb']:.0f}"]
+                for r in results]
+        print(f"{results[0]['procs']} processes ({results[0]['backend']}), {results[0]['params_m']:.2f} M parameters")
+        _print_rows(cols, rows)
         return
     base = results[0]["s_per_iter"]
     cols = ["variant", "s/iter", "cpu s", "ratio", "img/s", "peak MB", "extra"]
@@ -619,11 +742,7 @@ def _print_table(results: List[Dict[str, Any]], task: str, meta: Dict[str, Any])
             extra += f", ru_maxrss +{r['peak_mem_isolated_mb']:.0f} MB"
         rows.append([r["variant"], f"{r['s_per_iter']:.3f}", f"{r['cpu_s_per_iter']:.2f}",
                      f"{r['s_per_iter'] / base:.3f}", f"{r['images_per_s']:.3f}", f"{r['peak_mem_mb']:.0f}", extra])
-    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
-    print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    print("-|-".join("-" * w for w in widths))
-    for row in rows:
-        print(" | ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    _print_rows(cols, rows)
     r0 = results[0]
     for k in sorted(r0):
         if k.startswith(("params_", "flops_", "mfu")):
@@ -649,6 +768,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="data: DataLoader workers")
     p.add_argument("--decode-images", type=int, default=50,
                    help="data: images for the decode-only comparison of OpenCV, PIL and torchvision.io (0: skip)")
+    p.add_argument("--procs", type=int, default=2, help="ddp: processes (GPUs with --device cuda)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: train.threads or torch's)")
     p.add_argument("--compare", "--ab", action="append", default=[], metavar="KEY=V1,V2",
                    help="measure each value in one process, interleaved (repeatable: product of values)")
@@ -686,6 +806,8 @@ def main(argv=None) -> int:
     try:
         if args.task == "data":
             results = [run_data(probe_cfg, kind, args)]
+        elif args.task == "ddp":
+            results = run_ddp(args)
         elif args.isolate and not args._child:
             results = _run_isolated(args, _variants(args))
         else:
