@@ -29,6 +29,17 @@ def test_base_inheritance_and_overrides(tmp_path):
     assert cfg.model.decoder_depth == PretrainConfig().model.decoder_depth  # schema default
 
 
+def test_yaml_on_off_words_stay_strings_for_string_keys(tmp_path):
+    # YAML 1.1 reads off/on/yes/no as booleans; train.amp: off must mean the mode "off"
+    path = _write(tmp_path / "c.yaml", "train: {amp: off, pin_memory: no}\n")
+    cfg = load_config(path, [], PretrainConfig)
+    assert cfg.train.amp == "off" and cfg.train.pin_memory is False
+    cfg = load_config(path, ["train.amp=off", "train.persistent_workers=off", "solver.fused=on"], PretrainConfig)
+    assert cfg.train.amp == "off" and cfg.train.persistent_workers is False and cfg.solver.fused == "on"
+    cfg = load_config(path, ["train.pin_memory=true", "train.amp=bf16"], PretrainConfig)
+    assert cfg.train.pin_memory is True and cfg.train.amp == "bf16"
+
+
 def test_unknown_key_names_key_and_file(tmp_path):
     base = _write(tmp_path / "base.yaml", "model: {depthh: 3}\n")
     child = _write(tmp_path / "child.yaml", "_base_: base.yaml\n")

@@ -10,6 +10,7 @@ that set it.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import yaml
@@ -24,12 +25,34 @@ __all__ = ["load_yaml_with_bases", "load_config", "save_config", "to_yaml"]
 BASE_KEY = "_base_"
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` whose only booleans are ``true`` / ``false`` (YAML 1.2).
+
+    YAML 1.1 also reads ``on``/``off``/``yes``/``no`` as booleans, which would turn
+    ``train.amp: off`` into ``False`` and then into the string ``"False"``. Here they
+    stay strings; a boolean field still accepts them (OmegaConf converts
+    ``yes``/``no``/``on``/``off`` for ``bool`` fields)."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _parse_yaml(text) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def _read_yaml(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path, "r", encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = _parse_yaml(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
     if data is None:
@@ -103,7 +126,7 @@ def load_config(path: str, overrides: Optional[Sequence[str]] = None, schema: Op
         key, value = item.split("=", 1)
         key = key.strip()
         try:
-            parsed = yaml.safe_load(value) if value != "" else ""
+            parsed = _parse_yaml(value) if value != "" else ""
         except yaml.YAMLError:
             parsed = value
         try:
