@@ -3,9 +3,11 @@
 Modes (``train.amp`` in configs, ``--amp`` of the tools):
 
 - ``auto``: bf16 on a CUDA GPU that supports it (Ampere and newer), fp16 with
-  loss scaling on older GPUs, full precision on CPU (bf16 autocast on CPU is
-  hardware dependent and was no clear win on the CPUs measured, see
-  docs/BENCHMARKS.md; ask for it with ``bf16``);
+  loss scaling on older GPUs, full precision on CPU. bf16 on CPU pays only
+  where the CPU has native bf16 arithmetic (AVX512-BF16 / AMX): the MAE ViT-B
+  step ran 1.8x faster with it on such a CPU (docs/BENCHMARKS.md), while CPUs
+  without it emulate bf16; so on CPU it is asked for with ``bf16``, not
+  chosen silently;
 - ``bf16``: bf16 autocast (CPU or a GPU with bf16 support);
 - ``fp16``: fp16 autocast with a gradient scaler (meant for GPUs; torch runs
   it on CPU too);
