@@ -428,6 +428,8 @@ def run_data(cfg, kind: str, args) -> Dict[str, Any]:
 def _decode_rates(paths: Sequence[str]) -> Dict[str, Any]:
     """Decode-only rate (file bytes in memory -> RGB uint8 array / tensor) of each JPEG/PNG
     decoder on ``paths``, one thread, interleaved per image; the pipeline uses OpenCV."""
+    import warnings
+
     import cv2
     import numpy as np
     from PIL import Image
@@ -444,24 +446,25 @@ def _decode_rates(paths: Sequence[str]) -> Dict[str, Any]:
         "torchvision.io": lambda b: decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8),
                                                  mode=ImageReadMode.RGB),
     }
-    threads = torch.get_num_threads()
-    cv_threads = cv2.getNumThreads()
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    total = {k: 0.0 for k in decoders}
+    pixels = 0
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     try:
-        total = {k: 0.0 for k in decoders}
-        pixels = 0
-        for b in blobs:
-            shapes = set()
-            for name, fn in decoders.items():
-                t0 = time.perf_counter()
-                img = fn(b)
-                total[name] += time.perf_counter() - t0
-                shapes.add(tuple(img.shape[1:]) if isinstance(img, torch.Tensor) else tuple(img.shape[:2]))
-            if len(shapes) != 1:
-                raise RuntimeError(f"decoders disagree on the image size: {sorted(shapes)}")
-            h, w = shapes.pop()
-            pixels += h * w
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs (for TorchCodec)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for b in blobs:
+                shapes = set()
+                for name, fn in decoders.items():
+                    t0 = time.perf_counter()
+                    img = fn(b)
+                    total[name] += time.perf_counter() - t0
+                    shapes.add(tuple(img.shape[1:]) if isinstance(img, torch.Tensor) else tuple(img.shape[:2]))
+                if len(shapes) != 1:
+                    raise RuntimeError(f"decoders disagree on the image size: {sorted(shapes)}")
+                h, w = shapes.pop()
+                pixels += h * w
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(cv_threads)
