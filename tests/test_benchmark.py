@@ -52,6 +52,11 @@ def test_train_with_compare_and_act_checkpoint(tool, tmp_path):
                                 "--amp", "off", "--compare", "model.backbone.attn_impl=sdpa,explicit"] + TINY_DET)
     names = [r["variant"] for r in res]
     assert len(res) == 4 and any("explicit" in n and "act_checkpoint=true" in n for n in names)
+    saved = {(("explicit" in r["variant"]), ("act_checkpoint=true" in r["variant"])): r["saved_activations_mb"]
+             for r in res}
+    # explicit attention keeps the (N x N) probabilities; checkpointing keeps only block inputs
+    assert saved[(True, False)] > saved[(False, False)] > saved[(False, True)] > 0
+    assert saved[(True, False)] > saved[(True, True)]
     for r in res:
         assert r["s_per_iter"] > 0 and r["peak_mem_mb"] >= 0
         assert 0 < r["optimizer_ms"] < 1000 * r["s_per_iter"]

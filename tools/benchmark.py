@@ -3,9 +3,11 @@
 
 Tasks:
   pretrain  MAE step (forward + backward + optimizer step): ms/step, images/s, peak memory,
-            and the optimizer step's own time (optimizer_ms, part of the step)
+            the optimizer step's own time (optimizer_ms, part of the step) and the activation
+            memory autograd keeps for backward (saved_activations_mb, allocator-independent)
   train     ViTDet Mask R-CNN training iteration: s/iter, peak memory, loss breakdown,
-            optimizer_ms; with and without activation checkpointing (model.backbone.act_checkpoint)
+            optimizer_ms, saved_activations_mb; with and without activation checkpointing
+            (model.backbone.act_checkpoint)
   infer     ViTDet Mask R-CNN inference at batch 1 and a larger batch with the mask head
             exercised (box_score_thresh=0, detections_per_img=100): s/image, images/s,
             detections per image, peak memory
@@ -201,6 +203,41 @@ def _synthetic_detection_batch(batch: int, size: int, num_classes: int, seed: in
     return images, targets
 
 
+class SavedActivations:
+    """Counts the bytes autograd saves for backward during a forward pass.
+
+    A ``saved_tensors_hooks`` context records every tensor saved for backward
+    (by built-in ops and custom autograd functions alike), deduplicated by
+    storage; parameters are left out. The sum is the activation memory the
+    backward pass holds on to, independent of the allocator (unlike RSS)."""
+
+    def __init__(self, model: torch.nn.Module, enabled: bool = True):
+        self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: Dict[int, int] = {}
+        self.enabled = enabled  # off under torch.compile, whose graphs save tensors their own way
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in self._params:
+            self.storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    def __enter__(self):
+        self.storages.clear()
+        if self.enabled:
+            self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._ctx.__exit__(*exc)
+
+    @property
+    def mb(self) -> Optional[float]:
+        return sum(self.storages.values()) / 2**20 if self.enabled else None
+
+
 class Workload:
     """One variant: a built model and its step function."""
 
@@ -244,10 +281,11 @@ class PretrainWorkload(Workload):
         self.info = {"batch_size": b, "image_size": size}
 
     def step(self):
-        with _autocast(self.device, self.amp):
+        with _autocast(self.device, self.amp), SavedActivations(self.model, not self.cfg.train.compile) as saved:
             loss, _, _ = self.net(self.images, mask_ratio=self.cfg.model.mask_ratio, noise=self.noise)
         self.scaler.scale(loss).backward()
-        return {"loss_mae": float(loss.detach()), "optimizer_ms": self.optimizer_step()}
+        return {"loss_mae": float(loss.detach()), "optimizer_ms": self.optimizer_step(),
+                "saved_activations_mb": saved.mb}
 
     def flops(self):
         from fvcore.nn import FlopCountAnalysis
@@ -295,12 +333,13 @@ class DetTrainWorkload(Workload):
                      "inputs": "synthetic: random uint8 images, 8 box-shaped instances each"}
 
     def step(self):
-        with _autocast(self.device, self.amp):
+        with _autocast(self.device, self.amp), SavedActivations(self.model, not self.cfg.train.compile) as saved:
             losses = self.loss_fn(self.model, self.data, self.device)
         total = sum(losses.values())
         self.scaler.scale(total).backward()
         out = {k: float(v.detach()) for k, v in losses.items()}
         out["optimizer_ms"] = self.optimizer_step()
+        out["saved_activations_mb"] = saved.mb
         return out
 
     def flops(self):
@@ -620,6 +659,9 @@ def measure(args, device, variants) -> List[Dict[str, Any]]:
         for name, w in workloads:
             wall, cpu, peak, absolute, res = meter(w.step)
             opt_ms = res.pop("optimizer_ms", None)
+            saved_mb = res.pop("saved_activations_mb", None)
+            if saved_mb is not None:
+                rec[name]["saved"] = saved_mb  # the same every run (the same graph each step)
             if r >= args.warmup:
                 if opt_ms is not None:
                     rec[name]["opt"].append(opt_ms)  # warm-up runs allocate lasting state (optimizer moments): not counted
@@ -643,6 +685,8 @@ def measure(args, device, variants) -> List[Dict[str, Any]]:
                                    else "sampled RSS above the RSS before the run")}
         if r["opt"]:
             entry["optimizer_ms"] = _median(r["opt"])  # part of s_per_iter
+        if "saved" in r:
+            entry["saved_activations_mb"] = r["saved"]
         if args.task == "pretrain":
             entry.update(ms_per_step=1000 * t, images_per_s=n / t, loss=r["last"])
         elif args.task == "train":
@@ -741,6 +785,8 @@ def _print_table(results: List[Dict[str, Any]], task: str, meta: Dict[str, Any])
             extra = f"{r['s_per_image']:.3f} s/image, detections {r['detections_per_image']}"
         if "optimizer_ms" in r:
             extra += f", optimizer {r['optimizer_ms']:.0f} ms"
+        if "saved_activations_mb" in r:
+            extra += f", saved for backward {r['saved_activations_mb']:.0f} MB"
         if "peak_mem_isolated_mb" in r:
             extra += f", ru_maxrss +{r['peak_mem_isolated_mb']:.0f} MB"
         rows.append([r["variant"], f"{r['s_per_iter']:.3f}", f"{r['cpu_s_per_iter']:.2f}",
