@@ -439,7 +439,7 @@ def run_data(cfg, kind: str, args) -> Dict[str, Any]:
         json_file, images, name = resolve_split(d.train, "train")
         ds = CocoInstanceDataset(json_file, images, transforms=build_lsj_train_transform(
             d.image_size, d.min_scale, d.max_scale, d.hflip, pad_value=[round(255 * m) for m in IMAGENET_MEAN]),
-            filter_empty=True, dataset_name=name)
+            filter_empty=True, dataset_name=name, strict=d.train.strict)
         loader = build_detection_train_loader(ds, batch_size=per_process_batch(cfg.train),
                                               num_workers=args.workers, seed=0, persistent_workers=False)
         desc = f"{name}: decode + LSJ {d.image_size} (scale {d.min_scale}-{d.max_scale}) + masks + collate"

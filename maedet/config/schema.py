@@ -188,6 +188,9 @@ class DatasetSplitConfig:
     name: str = ""
     json: str = ""
     images: str = ""
+    # false: annotations with a non-positive box or a degenerate segmentation are
+    # dropped with a warning instead of stopping the run
+    strict: bool = True
 
 
 @dataclass

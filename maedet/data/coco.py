@@ -171,7 +171,9 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
             problem = _segmentation_problem(ann["segmentation"], img["height"], img["width"])
         if problem is not None:
             if strict:
-                raise DatasetError(f"{where}: annotation id {aid} (image id {img['id']}) has {problem}")
+                raise DatasetError(f"{where}: annotation id {aid} (image id {img['id']}) has {problem}; "
+                                   "strict=False (config: data.train.strict / data.test.strict) drops such "
+                                   "annotations with a warning")
             dropped.append(f"annotation id {aid} has {problem}")
             continue
         kept.append(ann)

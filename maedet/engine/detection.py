@@ -209,7 +209,8 @@ def _dataset_meta(ds: CocoInstanceDataset) -> Dict[str, Any]:
 
 def _build_test(cfg):
     json_file, images, name = resolve_split(cfg.data.test, "test")
-    ds = CocoInstanceDataset(json_file, images, transforms=None, filter_empty=False, dataset_name=name)
+    ds = CocoInstanceDataset(json_file, images, transforms=None, filter_empty=False, dataset_name=name,
+                             strict=cfg.data.test.strict)
     return ds, json_file
 
 
@@ -233,7 +234,7 @@ def run_training(cfg, device: torch.device, resume: bool = False) -> Dict[str, D
         # ViTDet pads the normalized image with 0, i.e. with the mean colour
         transforms=build_lsj_train_transform(d.image_size, d.min_scale, d.max_scale, d.hflip,
                                              pad_value=[round(255 * m) for m in IMAGENET_MEAN]),
-        filter_empty=True, dataset_name=name,
+        filter_empty=True, dataset_name=name, strict=d.train.strict,
     )
     num_classes = cfg.model.num_classes or len(train_ds.class_names)
     if num_classes != len(train_ds.class_names):

@@ -170,6 +170,20 @@ def test_bad_annotation_json(tmp_path, toy, capsys, case):
     assert_nothing_half_written(tmp_path / "out")
 
 
+def test_non_strict_split_drops_bad_annotations(tmp_path, toy, capsys):
+    """data.train.strict=false: the zero-area box is dropped with a warning and training runs."""
+    with open(toy["train_json"]) as f:
+        data = json.load(f)
+    bad = tmp_path / "instances_bad.json"
+    bad.write_text(_edit(_box(4.0, 0.0))(data))
+    cfg = write_det_config(tmp_path / "det.yaml", tmp_path / "out", toy, train_json=str(bad))
+    r = run_tool_inprocess("train_net", ["--config", cfg, "data.train.strict=false"], capsys)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "out" / "model_final.pth").is_file()
+    logs = "".join(p.read_text() for p in (tmp_path / "out").glob("log*.txt"))
+    assert "dropped 1 invalid annotation(s)" in logs and "annotation id 3" in logs
+
+
 def test_bad_annotation_json_subprocess(tmp_path, toy):
     """The same through a real process: exit 2, one line, no traceback."""
     bad = tmp_path / "instances_bad.json"
