@@ -73,6 +73,20 @@ def _loader_kwargs(num_workers: int, pin_memory: bool, persistent_workers: bool,
     return kwargs
 
 
+def _infinite_loader(dataset, collate_fn, batch_size, num_workers, seed, rank, world_size, start,
+                     pin_memory, persistent_workers, prefetch_factor) -> torch.utils.data.DataLoader:
+    """Endless, seeded, resumable training loader (shared by pretraining and detection)."""
+    sampler = InfiniteSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size, start=start)
+    return torch.utils.data.DataLoader(
+        SeededDataset(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        drop_last=True,
+        **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor),
+    )
+
+
 def build_pretrain_loader(
     dataset,
     batch_size: int,
@@ -101,15 +115,8 @@ def build_pretrain_loader(
     Yields:
         ``(images float (B, 3, S, S), seeds int64 (B,))``.
     """
-    sampler = InfiniteSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size, start=start)
-    return torch.utils.data.DataLoader(
-        SeededDataset(dataset),
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=collate_pretrain,
-        drop_last=True,
-        **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor),
-    )
+    return _infinite_loader(dataset, collate_pretrain, batch_size, num_workers, seed, rank, world_size, start,
+                            pin_memory, persistent_workers, prefetch_factor)
 
 
 def build_detection_train_loader(
@@ -133,15 +140,8 @@ def build_detection_train_loader(
         ``(images, targets, seeds)``: lists of ``B`` image tensors and target dicts
         (see :func:`collate_detection_train`) and int64 ``(B,)`` seeds.
     """
-    sampler = InfiniteSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size, start=start)
-    return torch.utils.data.DataLoader(
-        SeededDataset(dataset),
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=collate_detection_train,
-        drop_last=True,
-        **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor),
-    )
+    return _infinite_loader(dataset, collate_detection_train, batch_size, num_workers, seed, rank, world_size, start,
+                            pin_memory, persistent_workers, prefetch_factor)
 
 
 def build_detection_test_loader(
