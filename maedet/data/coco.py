@@ -77,6 +77,15 @@ def _segmentation_problem(segm, height: int, width: int) -> Optional[str]:
     return f"a segmentation of type {type(segm).__name__} (expected polygons or RLE)"
 
 
+def _entry_id(where: str, section: str, k: int, entry: Any, seen, kind: str) -> int:
+    """The integer ``id`` of ``section[k]``; a DatasetError if it is missing or already in ``seen``."""
+    if not isinstance(entry, dict) or not _is_int(entry.get("id")):
+        raise DatasetError(f"{where}: {section}[{k}] has no integer 'id'")
+    if entry["id"] in seen:
+        raise DatasetError(f"{where}: duplicate {kind} id {entry['id']} ({section}[{k}])")
+    return entry["id"]
+
+
 def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[str] = None) -> COCO:
     """Read and validate a COCO instances json.
 
@@ -112,11 +121,7 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
 
     images: Dict[int, dict] = {}
     for k, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not _is_int(img.get("id")):
-            raise DatasetError(f"{where}: images[{k}] has no integer 'id'")
-        iid = img["id"]
-        if iid in images:
-            raise DatasetError(f"{where}: duplicate image id {iid} (images[{k}])")
+        iid = _entry_id(where, "images", k, img, images, "image")
         if not isinstance(img.get("file_name"), str) or not img["file_name"]:
             raise DatasetError(f"{where}: image id {iid} has no 'file_name'")
         for key in ("height", "width"):
@@ -126,10 +131,7 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
 
     cat_ids = set()
     for k, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
-            raise DatasetError(f"{where}: categories[{k}] has no integer 'id'")
-        if cat["id"] in cat_ids:
-            raise DatasetError(f"{where}: duplicate category id {cat['id']} (categories[{k}])")
+        _entry_id(where, "categories", k, cat, cat_ids, "category")
         if not isinstance(cat.get("name"), str):
             raise DatasetError(f"{where}: category id {cat['id']} has no 'name'")
         cat_ids.add(cat["id"])
@@ -140,11 +142,7 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
     dropped: List[str] = []
     kept = []
     for k, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
-            raise DatasetError(f"{where}: annotations[{k}] has no integer 'id'")
-        aid = ann["id"]
-        if aid in ann_ids:
-            raise DatasetError(f"{where}: duplicate annotation id {aid} (annotations[{k}])")
+        aid = _entry_id(where, "annotations", k, ann, ann_ids, "annotation")
         ann_ids.add(aid)
         img = images.get(ann.get("image_id"))
         if img is None:
