@@ -591,6 +591,58 @@ def _count_maedet(keys: Sequence[str]) -> Tuple[int, int]:
     return len(box), len(rpn)
 
 
+def _n(m: "re.Match", i: int = 1) -> int:
+    return int(m.group(i))
+
+
+def _box_fc_to_d2(m: "re.Match", box: int) -> Optional[str]:
+    j = _n(m) - box - 1  # Sequential index after the convs and Flatten; (Linear, ReLU) pairs
+    return f"roi_heads.box_head.fc{j // 2 + 1}.{m.group(2)}" if j >= 0 and j % 2 == 0 else None
+
+
+# (pattern in _RE, rename) pairs; the first pattern that matches decides: rename(match, *counts)
+# gives the new key, or None for a key with no counterpart (e.g. a box conv index past the head's convs).
+_TO_D2 = [
+    ("rpn_conv", lambda m, box, rpn: "proposal_generator.rpn_head.conv."
+     + (f"conv{m.group(1)}." if rpn > 1 else "") + m.group(2)),
+    ("rpn_cls", lambda m, box, rpn: f"proposal_generator.rpn_head.objectness_logits.{m.group(1)}"),
+    ("rpn_box", lambda m, box, rpn: f"proposal_generator.rpn_head.anchor_deltas.{m.group(1)}"),
+    ("box_conv", lambda m, box, rpn: f"roi_heads.box_head.conv{_n(m) + 1}.{m.group(2)}" if _n(m) < box else None),
+    ("box_norm", lambda m, box, rpn: f"roi_heads.box_head.conv{_n(m) + 1}.norm.{m.group(2)}" if _n(m) < box
+     else None),
+    ("box_fc", lambda m, box, rpn: _box_fc_to_d2(m, box)),
+    ("predictor", lambda m, box, rpn: m.group(0)),
+    ("mask_conv", lambda m, box, rpn: f"roi_heads.mask_head.mask_fcn{_n(m) + 1}.{m.group(2)}"),
+    ("mask_norm", lambda m, box, rpn: f"roi_heads.mask_head.mask_fcn{_n(m) + 1}.norm.{m.group(2)}"),
+    ("mask_deconv", lambda m, box, rpn: f"roi_heads.mask_head.deconv.{m.group(1)}"),
+    ("mask_logits", lambda m, box, rpn: f"roi_heads.mask_head.predictor.{m.group(1)}"),
+]
+_FROM_D2 = [
+    ("d2_rpn_conv", lambda m, box: f"rpn.head.conv.{int(m.group(1) or 0)}.0.{m.group(2)}"),
+    ("d2_rpn_cls", lambda m, box: f"rpn.head.cls_logits.{m.group(1)}"),
+    ("d2_rpn_box", lambda m, box: f"rpn.head.bbox_pred.{m.group(1)}"),
+    ("d2_box_norm", lambda m, box: f"roi_heads.box_head.{_n(m) - 1}.1.{m.group(2)}" if _n(m) >= 1 else None),
+    ("d2_box_conv", lambda m, box: f"roi_heads.box_head.{_n(m) - 1}.0.{m.group(2)}" if _n(m) >= 1 else None),
+    ("d2_box_fc", lambda m, box: f"roi_heads.box_head.{box + 1 + 2 * (_n(m) - 1)}.{m.group(2)}" if _n(m) >= 1
+     else None),
+    ("predictor", lambda m, box: m.group(0)),
+    ("d2_mask_norm", lambda m, box: f"roi_heads.mask_head.{_n(m) - 1}.1.{m.group(2)}" if _n(m) >= 1 else None),
+    ("d2_mask_conv", lambda m, box: f"roi_heads.mask_head.{_n(m) - 1}.0.{m.group(2)}" if _n(m) >= 1 else None),
+    ("d2_mask_deconv", lambda m, box: f"roi_heads.mask_predictor.conv5_mask.{m.group(1)}"),
+    ("d2_mask_logits", lambda m, box: f"roi_heads.mask_predictor.mask_fcn_logits.{m.group(1)}"),
+]
+
+
+def _rename(key: str, table, *args) -> Optional[str]:
+    if _BACKBONE_RE.match(key):
+        return key
+    for name, rename in table:
+        m = _RE[name].fullmatch(key)
+        if m:
+            return rename(m, *args)
+    return None
+
+
 def maedet_key_to_d2(key: str, num_box_convs: int, num_rpn_convs: int = 2) -> Optional[str]:
     """detectron2 ViTDet name of a maedet (torchvision MaskRCNN) parameter, or None.
 
@@ -598,84 +650,12 @@ def maedet_key_to_d2(key: str, num_box_convs: int, num_rpn_convs: int = 2) -> Op
     ``FastRCNNConvFCHead`` is a Sequential: convs, Flatten, (Linear, ReLU)...);
     ``num_rpn_convs == 1`` gives detectron2's single-conv name ``rpn_head.conv.weight``.
     """
-    if _BACKBONE_RE.match(key):
-        return key
-    m = _RE["rpn_conv"].fullmatch(key)
-    if m:
-        mid = f"conv{m.group(1)}." if num_rpn_convs > 1 else ""
-        return f"proposal_generator.rpn_head.conv.{mid}{m.group(2)}"
-    m = _RE["rpn_cls"].fullmatch(key)
-    if m:
-        return f"proposal_generator.rpn_head.objectness_logits.{m.group(1)}"
-    m = _RE["rpn_box"].fullmatch(key)
-    if m:
-        return f"proposal_generator.rpn_head.anchor_deltas.{m.group(1)}"
-    m = _RE["box_conv"].fullmatch(key)
-    if m and int(m.group(1)) < num_box_convs:
-        return f"roi_heads.box_head.conv{int(m.group(1)) + 1}.{m.group(2)}"
-    m = _RE["box_norm"].fullmatch(key)
-    if m and int(m.group(1)) < num_box_convs:
-        return f"roi_heads.box_head.conv{int(m.group(1)) + 1}.norm.{m.group(2)}"
-    m = _RE["box_fc"].fullmatch(key)
-    if m:
-        j = int(m.group(1)) - num_box_convs - 1
-        if j >= 0 and j % 2 == 0:
-            return f"roi_heads.box_head.fc{j // 2 + 1}.{m.group(2)}"
-        return None
-    if _RE["predictor"].fullmatch(key):
-        return key
-    m = _RE["mask_conv"].fullmatch(key)
-    if m:
-        return f"roi_heads.mask_head.mask_fcn{int(m.group(1)) + 1}.{m.group(2)}"
-    m = _RE["mask_norm"].fullmatch(key)
-    if m:
-        return f"roi_heads.mask_head.mask_fcn{int(m.group(1)) + 1}.norm.{m.group(2)}"
-    m = _RE["mask_deconv"].fullmatch(key)
-    if m:
-        return f"roi_heads.mask_head.deconv.{m.group(1)}"
-    m = _RE["mask_logits"].fullmatch(key)
-    if m:
-        return f"roi_heads.mask_head.predictor.{m.group(1)}"
-    return None
+    return _rename(key, _TO_D2, num_box_convs, num_rpn_convs)
 
 
 def d2_key_to_maedet(key: str, num_box_convs: int) -> Optional[str]:
     """maedet (torchvision MaskRCNN) name of a detectron2 ViTDet parameter, or None."""
-    if _BACKBONE_RE.match(key):
-        return key
-    m = _RE["d2_rpn_conv"].fullmatch(key)
-    if m:
-        return f"rpn.head.conv.{int(m.group(1) or 0)}.0.{m.group(2)}"
-    m = _RE["d2_rpn_cls"].fullmatch(key)
-    if m:
-        return f"rpn.head.cls_logits.{m.group(1)}"
-    m = _RE["d2_rpn_box"].fullmatch(key)
-    if m:
-        return f"rpn.head.bbox_pred.{m.group(1)}"
-    m = _RE["d2_box_norm"].fullmatch(key)
-    if m and int(m.group(1)) >= 1:
-        return f"roi_heads.box_head.{int(m.group(1)) - 1}.1.{m.group(2)}"
-    m = _RE["d2_box_conv"].fullmatch(key)
-    if m and int(m.group(1)) >= 1:
-        return f"roi_heads.box_head.{int(m.group(1)) - 1}.0.{m.group(2)}"
-    m = _RE["d2_box_fc"].fullmatch(key)
-    if m and int(m.group(1)) >= 1:
-        return f"roi_heads.box_head.{num_box_convs + 1 + 2 * (int(m.group(1)) - 1)}.{m.group(2)}"
-    if _RE["predictor"].fullmatch(key):
-        return key
-    m = _RE["d2_mask_norm"].fullmatch(key)
-    if m and int(m.group(1)) >= 1:
-        return f"roi_heads.mask_head.{int(m.group(1)) - 1}.1.{m.group(2)}"
-    m = _RE["d2_mask_conv"].fullmatch(key)
-    if m and int(m.group(1)) >= 1:
-        return f"roi_heads.mask_head.{int(m.group(1)) - 1}.0.{m.group(2)}"
-    m = _RE["d2_mask_deconv"].fullmatch(key)
-    if m:
-        return f"roi_heads.mask_predictor.conv5_mask.{m.group(1)}"
-    m = _RE["d2_mask_logits"].fullmatch(key)
-    if m:
-        return f"roi_heads.mask_predictor.mask_fcn_logits.{m.group(1)}"
-    return None
+    return _rename(key, _FROM_D2, num_box_convs)
 
 
 # Class-layout conversions (maedet key -> rows per class).
