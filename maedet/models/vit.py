@@ -46,7 +46,8 @@ ATTN_IMPLS = ("sdpa", "sdpa_mask", "explicit")
 
 def global_blocks_to_window_indexes(depth: int, global_blocks: Sequence[int]) -> Tuple[int, ...]:
     """Indexes of the window-attention blocks of a ViT whose other blocks are global."""
-    return tuple(i for i in range(depth) if i not in set(global_blocks))
+    global_set = set(global_blocks)
+    return tuple(i for i in range(depth) if i not in global_set)
 
 
 # Architecture presets (ViTDet paper, Table / detectron2 ``projects/ViTDet/configs``).
