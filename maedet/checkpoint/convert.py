@@ -698,6 +698,14 @@ def _to_maedet_tensor(
 # --------------------------------------------------------------------------- detection layout
 
 
+def _numbered_widths(state: Mapping[str, torch.Tensor], pattern: str) -> List[int]:
+    """Output widths of the layers ``pattern.format(1)``, ``pattern.format(2)``, ... up to the first missing one."""
+    widths = []
+    while pattern.format(len(widths) + 1) in state:
+        widths.append(int(state[pattern.format(len(widths) + 1)].shape[0]))
+    return widths
+
+
 def infer_vitdet_config(d2_state: Mapping[str, torch.Tensor], source: str, arch: Optional[str] = None) -> Dict[str, Any]:
     """Keyword arguments of :func:`build_vitdet_mask_rcnn` read off a state with detectron2 names.
 
@@ -796,26 +804,14 @@ def infer_vitdet_config(d2_state: Mapping[str, torch.Tensor], source: str, arch:
             f"checkpoint {source}: key 'proposal_generator.rpn_head.objectness_logits.weight' has {anchors} anchors "
             "per location; maedet's ViTDet uses 3 (aspect ratios 0.5, 1, 2)"
         )
-    box_convs = []
-    i = 1
-    while f"roi_heads.box_head.conv{i}.weight" in d2_state:
-        box_convs.append(int(d2_state[f"roi_heads.box_head.conv{i}.weight"].shape[0]))
-        i += 1
-    fcs = []
-    i = 1
-    while f"roi_heads.box_head.fc{i}.weight" in d2_state:
-        fcs.append(int(d2_state[f"roi_heads.box_head.fc{i}.weight"].shape[0]))
-        i += 1
+    box_convs = _numbered_widths(d2_state, "roi_heads.box_head.conv{}.weight")
+    fcs = _numbered_widths(d2_state, "roi_heads.box_head.fc{}.weight")
     if len(fcs) != 1:
         raise CheckpointError(
             f"checkpoint {source}: box head has {len(fcs)} fc layers (roi_heads.box_head.fcN); "
             "maedet's ViTDet box head has exactly one"
         )
-    mask_convs = []
-    i = 1
-    while f"roi_heads.mask_head.mask_fcn{i}.weight" in d2_state:
-        mask_convs.append(int(d2_state[f"roi_heads.mask_head.mask_fcn{i}.weight"].shape[0]))
-        i += 1
+    mask_convs = _numbered_widths(d2_state, "roi_heads.mask_head.mask_fcn{}.weight")
     num_classes = int(need("roi_heads.box_predictor.cls_score.weight").shape[0]) - 1
     if num_classes < 1:
         raise CheckpointError(f"checkpoint {source}: key 'roi_heads.box_predictor.cls_score.weight' has fewer than 2 rows")
