@@ -10,10 +10,10 @@ DET = os.path.join(ROOT, "configs", "quickstart", "mask_rcnn_vit_tiny.yaml")
 MAE = os.path.join(ROOT, "configs", "quickstart", "mae_tiny.yaml")
 # A smaller detector than the quickstart one (narrow heads, few RoIs, 64x64 inputs).
 TINY_DET = ["model.backbone.embed_dim=48", "model.backbone.num_heads=2", "model.backbone.depth=2",
-            "model.backbone.global_blocks=[1]", "model.backbone.window_size=2", "model.pyramid_channels=16",
-            "model.box_head_conv_dims=[16]", "model.box_head_fc_dim=32", "model.mask_head_conv_dims=[16]",
-            "model.rpn_pre_nms_top_n_test=200", "model.rpn_post_nms_top_n_test=200",
-            "model.box_batch_size_per_image=32", "model.num_classes=5"]
+            "model.backbone.global_blocks=[1]", "model.backbone.window_size=2", "model.neck.out_channels=16",
+            "model.roi_heads.box_head_conv_dims=[16]", "model.roi_heads.box_head_fc_dims=[32]",
+            "model.roi_heads.mask_head_conv_dims=[16]", "model.rpn.pre_nms_topk_test=200",
+            "model.rpn.post_nms_topk_test=200", "model.roi_heads.batch_size_per_image=32", "model.num_classes=5"]
 
 
 def _load_tool():
@@ -83,7 +83,8 @@ def test_data_pipeline(tool, tmp_path):
     if not os.path.isfile(json_file):
         pytest.skip(f"shared test data not found ({json_file})")
     res = _run(tool, tmp_path, ["--config", DET, "--task", "data", "--workers", "0", "--batch-size", "2",
-                                "data.train.name=fruits_nuts", "data.image_size=128", "--decode-images", "3"])
+                                "data.train.name=fruits_nuts", "data.train.pipeline.image_size=128",
+                                "--decode-images", "3"])
     (r,) = res
     assert r["images_per_s"] > 0 and r["batch_size"] == 2 and r["workers"] == 0 and r["dataset_size"] == 18
     d = r["decode"]  # the three decoders ran on the same 3 files and agreed on every size

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from maedet.config import DetectionConfig, PretrainConfig, load_config, save_config
-from maedet.errors import ConfigError
+from maedet.utils.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +16,8 @@ def _write(path, text):
 
 
 def test_base_inheritance_and_overrides(tmp_path):
-    _write(tmp_path / "a.yaml", "model: {depth: 3, embed_dim: 96}\ntrain: {batch_size: 5}\n")
+    sizes = "img_size: 32, patch_size: 16, decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2"
+    _write(tmp_path / "a.yaml", "model: {depth: 3, embed_dim: 96, %s}\ntrain: {batch_size: 5}\n" % sizes)
     _write(tmp_path / "b.yaml", "model: {num_heads: 2}\n")
     sub = tmp_path / "sub"
     sub.mkdir()
@@ -26,7 +27,7 @@ def test_base_inheritance_and_overrides(tmp_path):
     assert cfg.model.embed_dim == 96 and cfg.model.num_heads == 2  # both bases merged
     assert cfg.train.batch_size == 7  # override wins over files
     assert list(cfg.solver.betas) == [0.5, 0.6]
-    assert cfg.model.decoder_depth == PretrainConfig().model.decoder_depth  # schema default
+    assert cfg.model.mask_ratio == PretrainConfig().model.mask_ratio  # schema default (sizes have none)
 
 
 def test_yaml_on_off_words_stay_strings_for_string_keys(tmp_path):
@@ -107,4 +108,4 @@ def test_shipped_configs_hold_the_recipes(name, schema):
         assert (cfg.data.min_scale, cfg.data.max_scale) == (0.2, 1.0)
     else:
         assert cfg.train.total_batch_size == 64 and cfg.solver.lr == 1e-4 and cfg.solver.weight_decay == 0.1
-        assert cfg.solver.warmup_iters == 250 and cfg.data.image_size == 1024
+        assert cfg.solver.warmup_iters == 250 and cfg.data.train.pipeline.image_size == 1024

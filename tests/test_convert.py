@@ -20,25 +20,46 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from maedet.checkpoint.convert import (
-    COCO_CATEGORIES,
-    convert_checkpoint,
-    d2_key_to_maedet,
-    d2_to_maedet_det,
-    init_on_meta,
-    maedet_det_to_d2,
-    maedet_key_to_d2,
-    resize_patch_embed,
-)
+from maedet.builders import build_detection_model, build_mae_model, detection_layout, load_detection_config
+from maedet.builders import load_pretrain_config
+from maedet.checkpoint.convert import ConversionOptions, convert_checkpoint
+from maedet.checkpoint.formats.detectron2 import d2_key_to_maedet, d2_to_maedet_det, maedet_det_to_d2, maedet_key_to_d2
+from maedet.checkpoint.formats.mae import resize_patch_embed
+from maedet.checkpoint.formats.maedet import COCO_CATEGORIES
 from maedet.checkpoint.pretrained import load_pretrained_backbone
+from maedet.checkpoint.report import Report
 from maedet.engine.launch import run_tool
-from maedet.errors import CheckpointError
-from maedet.models.mae import MAE_MODELS, mae_vit_tiny_patch16
-from maedet.models.mask_rcnn import build_vitdet_mask_rcnn
-from maedet.models.vit import VIT_PRESETS, ViT
+from maedet.models.backbones.vit import ViT
+from maedet.utils.errors import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "convert_checkpoint.py")
+MAE_CONFIGS = {
+    "mae_vit_tiny_patch16": "configs/quickstart/mae_tiny.yaml",
+    "mae_vit_base_patch16": "configs/mae/mae_vit_base_patch16.yaml",
+    "mae_vit_large_patch16": "configs/mae/mae_vit_large_patch16.yaml",
+    "mae_vit_huge_patch14": "configs/mae/mae_vit_huge_patch14.yaml",
+}
+DET_CONFIGS = {"vit_base": "configs/coco/mask_rcnn_vit_b_100ep.yaml",
+               "vit_large": "configs/coco/mask_rcnn_vit_l_100ep.yaml",
+               "vit_huge": "configs/coco/mask_rcnn_vit_h_75ep.yaml"}
+
+
+def mae_model(name, **overrides):
+    """The MAE of a shipped config (model sizes live in the configs only)."""
+    cfg = load_pretrain_config(os.path.join(REPO, MAE_CONFIGS[name]), [f"model.{k}={v}" for k, v in overrides.items()])
+    return build_mae_model(cfg.model)
+
+
+def det_config(name, overrides=()):
+    return load_detection_config(os.path.join(REPO, name), list(overrides), splits=())
+
+
+def encoder_arch(config):
+    """The encoder architecture a config describes (what --config checks against)."""
+    m = load_pretrain_config(os.path.join(REPO, config)).model
+    return {"embed_dim": m.embed_dim, "depth": m.depth, "patch_size": m.patch_size, "mlp_ratio": m.mlp_ratio,
+            "num_heads": m.num_heads, "name": f"--config {config}"}
 
 
 # =========================================================================== reference layouts (DATA)
@@ -202,26 +223,40 @@ def meta_state(layout):
     return {k: torch.empty(s, device="meta") for k, s in layout.items()}
 
 
+def report(action="test"):
+    return Report("<meta>", action)
+
+
 # =========================================================================== fixtures
 
 
 @pytest.fixture(scope="module")
 def tiny_mae():
     torch.manual_seed(0)
-    mae = mae_vit_tiny_patch16().eval()
+    mae = mae_model("mae_vit_tiny_patch16", img_size=224).eval()
     with torch.no_grad():
         for p in mae.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return mae
 
 
-# A small ViTDet Mask R-CNN: ViT-tiny, 64-channel pyramid and heads (exercises the inference of head widths).
-TINY_DET = dict(pyramid_out_channels=64, box_head_conv_dims=(64,) * 4, box_head_fc_dim=128,
-                mask_head_conv_dims=(64,) * 4, min_size=128, max_size=128)
+# A small ViTDet Mask R-CNN: ViT-tiny, 64-channel pyramid and heads, 3 classes.
+TINY_DET = ["model.backbone.embed_dim=192", "model.backbone.depth=4", "model.backbone.num_heads=3",
+            "model.backbone.global_blocks=[1,3]", "model.backbone.img_size=128", "model.neck.out_channels=64",
+            "model.neck.square_pad=128", "model.roi_heads.box_head_conv_dims=[64,64,64,64]",
+            "model.roi_heads.box_head_fc_dims=[128]", "model.roi_heads.mask_head_conv_dims=[64,64,64,64]"]
+
+
+def tiny_det_config():
+    return det_config(DET_CONFIGS["vit_base"], TINY_DET)
 
 
 def build_tiny_det():
-    return build_vitdet_mask_rcnn(3, dict(VIT_PRESETS["vit_tiny"], img_size=128), **TINY_DET)
+    return build_detection_model(tiny_det_config().model, 3)
+
+
+def tiny_layout():
+    return detection_layout(tiny_det_config().model, 3)
 
 
 @pytest.fixture(scope="module")
@@ -242,23 +277,24 @@ def tiny_det():
 def test_encoder_layouts_match_reference(arch):
     mae_name, timm_name, C, depth, patch, grid, hidden = ENCODERS[arch]
     ref = ref_vit_encoder(C, depth, patch, grid, hidden)
-    with init_on_meta():
-        mae = MAE_MODELS[mae_name]()
+    with torch.device("meta"):
+        mae = mae_model(mae_name)
         tm = timm.create_model(timm_name, pretrained=False, num_classes=0)
     assert shapes(mae.encoder_state_dict()) == ref
     assert shapes(tm.state_dict()) == ref
     assert shapes({k: v for k, v in mae.state_dict().items() if k not in ref}) == ref_mae_decoder(C, patch, grid)
 
     # full MAE checkpoint (with decoder) -> encoder-only MAE file and timm file
-    res = convert_checkpoint({"model": mae.state_dict()}, "mae", "mae", arch=arch)
+    opts = ConversionOptions(expected=encoder_arch(MAE_CONFIGS[mae_name]))
+    res = convert_checkpoint({"model": mae.state_dict()}, "mae", "mae", options=opts)
     assert shapes(res.checkpoint["model"]) == ref
     assert set(res.report.dropped) == set(ref_mae_decoder(C, patch, grid))
     assert len(res.report.loaded) == len(ref) and not res.report.missing and not res.report.unexpected
 
     # timm state with a classifier (the .mae tags have none; fine-tuned ones do) -> head dropped
-    with init_on_meta():
+    with torch.device("meta"):
         tm_head = timm.create_model(timm_name, pretrained=False, num_classes=1000)
-    res = convert_checkpoint(tm_head.state_dict(), "timm", "timm", arch=arch)
+    res = convert_checkpoint(tm_head.state_dict(), "timm", "timm", options=opts)
     assert shapes(res.checkpoint) == ref
     assert set(res.report.dropped) == {"head.weight", "head.bias"}
 
@@ -267,30 +303,31 @@ def test_encoder_layouts_match_reference(arch):
 def test_detectron2_key_map_matches_reference(size):
     C, depth, heads, global_blocks = VITDET[size]
     ref = ref_d2_vitdet(C, depth, heads, global_blocks)
-    with init_on_meta():
-        model = build_vitdet_mask_rcnn(80, dict(VIT_PRESETS[size]))
-    ours = model.state_dict()
+    cfg = det_config(DET_CONFIGS[size])
+    ours = detection_layout(cfg.model, 80)  # the architecture comes from the config, built on `meta`
 
-    d2, background, report, cfg = maedet_det_to_d2(ours, "<meta>")
+    rep = report()
+    d2, background = maedet_det_to_d2(ours, rep, layout=ours)
     assert shapes(d2) == ref  # same keys, same shapes
-    assert not report.missing and not report.unexpected and len(report.loaded) == len(ours)
+    assert not rep.missing and not rep.unexpected and len(rep.loaded) == len(ours)
     assert shapes(background) == {
         "roi_heads.box_predictor.bbox_pred.weight": (4, 1024), "roi_heads.box_predictor.bbox_pred.bias": (4,),
         "roi_heads.mask_predictor.mask_fcn_logits.weight": (1, 256, 1, 1),
         "roi_heads.mask_predictor.mask_fcn_logits.bias": (1,),
     }
-    vit = cfg["vit_kwargs"]
-    assert (vit["embed_dim"], vit["depth"], vit["num_heads"], vit["img_size"], vit["window_size"]) == \
-        (C, depth, heads, 1024, 14)
-    assert tuple(i for i in range(depth) if i not in vit["window_block_indexes"]) == global_blocks
+    b = cfg.model.backbone
+    assert (b.embed_dim, b.depth, b.num_heads, b.img_size, b.window_size) == (C, depth, heads, 1024, 14)
+    assert tuple(b.global_blocks) == global_blocks
 
-    back, report, _ = d2_to_maedet_det(meta_state(ref), "<meta>")
+    rep = report()
+    back = d2_to_maedet_det(meta_state(ref), rep, ours)
     assert shapes(back) == shapes(ours)
-    assert not report.missing and not report.unexpected
+    assert not rep.missing and not rep.unexpected
 
-    # --arch checks every key against the preset
-    back, _, _ = d2_to_maedet_det(meta_state(ref), "<meta>", arch=size)
-    assert shapes(back) == shapes(ours)
+    # a config of another size does not fit: the first mismatching key is named
+    other = "vit_large" if size != "vit_large" else "vit_base"
+    with pytest.raises(CheckpointError, match="backbone.net"):
+        d2_to_maedet_det(meta_state(ref), report(), detection_layout(det_config(DET_CONFIGS[other]).model, 80))
 
 
 @pytest.mark.parametrize("d2_key, maedet_key", DOC_KEY_MAP)
@@ -313,7 +350,9 @@ def test_encoder_round_trip_is_exact(tmp_path, tiny_mae):
     torch.save({"model": enc, "meta": {"format": "maedet-mae-encoder", "num_heads": 3, "embed_dim": 192}},
                tmp_path / "encoder_final.pth")
     r1 = convert_checkpoint(str(tmp_path / "encoder_final.pth"), "mae", "timm", str(tmp_path / "timm.pth"))
-    r2 = convert_checkpoint(str(tmp_path / "timm.pth"), "timm", "mae", str(tmp_path / "mae.pth"))
+    # heads are not in the weights: a timm file gets them back from the config of the architecture
+    r2 = convert_checkpoint(str(tmp_path / "timm.pth"), "timm", "mae", str(tmp_path / "mae.pth"),
+                            options=ConversionOptions(expected=encoder_arch(MAE_CONFIGS["mae_vit_tiny_patch16"])))
     assert not r1.report.changed and not r2.report.changed
     timm_sd = torch.load(tmp_path / "timm.pth", weights_only=True)
     back = torch.load(tmp_path / "mae.pth", weights_only=True)
@@ -346,11 +385,12 @@ def test_detection_round_trip_is_exact(tmp_path, tiny_det, ext):
     d2_path = str(tmp_path / ("d2" + ext))
     r1 = convert_checkpoint(str(tmp_path / "model_final.pth"), "maedet-det", "d2-vitdet", d2_path)
     assert not r1.report.missing and not r1.report.unexpected
+    layout = ConversionOptions(layout=tiny_layout())
     if ext == ".pkl":
         with open(d2_path, "rb") as f:
             raw = pickle.load(f)
         assert isinstance(raw["model"]["roi_heads.box_head.fc1.weight"], np.ndarray)
-    r2 = convert_checkpoint(d2_path, "d2-vitdet", "maedet-det", str(tmp_path / "back.pth"))
+    r2 = convert_checkpoint(d2_path, "d2-vitdet", "maedet-det", str(tmp_path / "back.pth"), options=layout)
     back = torch.load(tmp_path / "back.pth", weights_only=True)
     assert set(back["model"]) == set(sd)
     for k in sd:
@@ -360,7 +400,7 @@ def test_detection_round_trip_is_exact(tmp_path, tiny_det, ext):
     assert back["meta"]["num_classes"] == 3
     assert len(r2.report.loaded) == len(sd)
     # the converted file loads strictly into the model (what train_net / infer do)
-    from maedet.engine.detection import load_detection_weights
+    from maedet.builders import load_detection_weights
 
     load_detection_weights(build_tiny_det(), str(tmp_path / "back.pth"))
 
@@ -369,7 +409,7 @@ def test_detectron2_heads_give_the_same_predictions(tiny_det):
     """Run detectron2's head formulas on converted weights: same class probabilities,
     class boxes and class masks as maedet's torchvision heads (background moved)."""
     sd = tiny_det.state_dict()
-    d2, _, _, _ = maedet_det_to_d2(sd)
+    d2, _ = maedet_det_to_d2(sd, report())
     K = 3
     torch.manual_seed(2)
     x = torch.randn(6, 128)
@@ -429,7 +469,7 @@ def test_timm_model_gives_the_same_features(tmp_path, tiny_mae):
     # MAE encoder -> detection ViT (global attention, no rel-pos) vs timm's blocks on the
     # patch tokens (ViTDet drops the class token and the final norm).
     torch.save({"model": tiny_mae.encoder_state_dict()}, tmp_path / "enc.pth")
-    vit = ViT(img_size=224, embed_dim=192, depth=4, num_heads=3, window_block_indexes=(), use_rel_pos=False).eval()
+    vit = ViT(img_size=224, embed_dim=192, depth=4, num_heads=3, global_blocks=range(4), use_rel_pos=False).eval()
     load_pretrained_backbone(vit, str(tmp_path / "enc.pth"))
     with torch.no_grad():
         det = vit(imgs)["last_feat"]  # (B, C, 14, 14)
@@ -444,14 +484,15 @@ def test_timm_model_gives_the_same_features(tmp_path, tiny_mae):
 
 def test_huge_patch14_to_16(tmp_path):
     C = 1280
-    with init_on_meta():
-        mae = MAE_MODELS["mae_vit_huge_patch14"]()
+    with torch.device("meta"):
+        mae = mae_model("mae_vit_huge_patch14")
     state = dict(mae.encoder_state_dict())
     torch.manual_seed(4)
     state["patch_embed.proj.weight"] = torch.randn(C, 3, 14, 14) * 0.02  # real tensors where values matter
     state["patch_embed.proj.bias"] = torch.randn(C)
     state["pos_embed"] = torch.randn(1, 257, C)
-    res = convert_checkpoint({"model": state}, "mae", "mae", patch_size=16, arch="vit_huge_patch14")
+    opts = ConversionOptions(patch_size=16, expected=encoder_arch(MAE_CONFIGS["mae_vit_huge_patch14"]))
+    res = convert_checkpoint({"model": state}, "mae", "mae", options=opts)
     ref = ref_vit_encoder(C, 32, 16, 16, 5120)  # grid kept: 16 x 16 patches of 16 px (256 px images)
     assert shapes(res.checkpoint["model"]) == ref
     assert "patch_embed.proj.weight" in res.report.changed and "pos_embed" not in res.report.changed
@@ -461,7 +502,7 @@ def test_huge_patch14_to_16(tmp_path):
     p16 = res.checkpoint["model"]
 
     # /16 encoder -> timm at 224 px: the 16 x 16 grid becomes 14 x 14 (no kernel change)
-    res2 = convert_checkpoint({"model": p16}, "mae", "timm", img_size=224)
+    res2 = convert_checkpoint({"model": p16}, "mae", "timm", options=ConversionOptions(img_size=224))
     assert shapes(res2.checkpoint) == ref_vit_encoder(C, 32, 16, 14, 5120)
     assert torch.equal(res2.checkpoint["pos_embed"][:, :1], state["pos_embed"][:, :1])  # class-token slot kept
     assert torch.equal(res2.checkpoint["patch_embed.proj.weight"], p16["patch_embed.proj.weight"])
@@ -488,7 +529,7 @@ def test_huge_patch14_to_16(tmp_path):
 
 def test_model_zoo_pkl_loads_weights_only_and_converts(tmp_path, tiny_det):
     sd = tiny_det.state_dict()
-    d2, _, _, _ = maedet_det_to_d2(sd)
+    d2, _ = maedet_det_to_d2(sd, report())
     zoo = {"model": {k: v.numpy() for k, v in d2.items()}, "__author__": "Detectron2 Model Zoo"}
     zoo["model"]["pixel_mean"] = np.array([123.675, 116.28, 103.53], dtype=np.float32).reshape(3, 1, 1)
     zoo["model"]["pixel_std"] = np.array([58.395, 57.12, 57.375], dtype=np.float32).reshape(3, 1, 1)
@@ -496,7 +537,7 @@ def test_model_zoo_pkl_loads_weights_only_and_converts(tmp_path, tiny_det):
         with open(tmp_path / f"model_final_p{protocol}.pkl", "wb") as f:
             pickle.dump(zoo, f, protocol=protocol)
         res = convert_checkpoint(str(tmp_path / f"model_final_p{protocol}.pkl"), "d2-vitdet", "maedet-det",
-                                 class_names=["x", "y", "z"])
+                                 options=ConversionOptions(layout=tiny_layout(), class_names=["x", "y", "z"]))
         assert len(res.checkpoint["model"]) == len(sd)
     out = res.checkpoint["model"]
     assert set(res.report.dropped) == {"pixel_mean", "pixel_std"}
@@ -515,25 +556,27 @@ def test_model_zoo_pkl_loads_weights_only_and_converts(tmp_path, tiny_det):
     agn = dict(zoo["model"])
     agn["roi_heads.box_predictor.bbox_pred.weight"] = agn["roi_heads.box_predictor.bbox_pred.weight"][:4]
     agn["roi_heads.box_predictor.bbox_pred.bias"] = agn["roi_heads.box_predictor.bbox_pred.bias"][:4]
-    res = convert_checkpoint({"model": agn}, "d2-vitdet", "maedet-det")
+    res = convert_checkpoint({"model": agn}, "d2-vitdet", "maedet-det", options=ConversionOptions(layout=tiny_layout()))
     w = res.checkpoint["model"]["roi_heads.box_predictor.bbox_pred.weight"]
     assert w.shape == (16, 128) and all(torch.equal(w[4 * i:4 * i + 4], w[:4]) for i in range(4))
 
 
 def test_object_pickles_are_refused_with_advice(tmp_path, tiny_det):
-    d2, _, _, _ = maedet_det_to_d2(tiny_det.state_dict())
+    d2, _ = maedet_det_to_d2(tiny_det.state_dict(), report())
     obj = {"model": {k: v.numpy() for k, v in d2.items()}, "__author__": "someone", "cfg": argparse.Namespace(a=1)}
     with open(tmp_path / "obj.pkl", "wb") as f:
         pickle.dump(obj, f, protocol=2)
     with pytest.raises(CheckpointError, match=r"obj\.pkl.*argparse\.Namespace.*--trust"):
         convert_checkpoint(str(tmp_path / "obj.pkl"), "d2-vitdet", "maedet-det")
-    res = convert_checkpoint(str(tmp_path / "obj.pkl"), "d2-vitdet", "maedet-det", trust=True)
+    res = convert_checkpoint(str(tmp_path / "obj.pkl"), "d2-vitdet", "maedet-det", trust=True,
+                             options=ConversionOptions(layout=tiny_layout()))
     assert len(res.checkpoint["model"]) == len(d2)
 
     torch.save({"model": d2, "cfg": argparse.Namespace(a=1)}, tmp_path / "obj.pth")
     with pytest.raises(CheckpointError, match=r"obj\.pth.*--trust"):
         convert_checkpoint(str(tmp_path / "obj.pth"), "d2-vitdet", "maedet-det")
-    assert convert_checkpoint(str(tmp_path / "obj.pth"), "d2-vitdet", "maedet-det", trust=True).report.loaded
+    assert convert_checkpoint(str(tmp_path / "obj.pth"), "d2-vitdet", "maedet-det", trust=True,
+                              options=ConversionOptions(layout=tiny_layout())).report.loaded
 
 
 def test_coco_class_table():
@@ -576,7 +619,7 @@ def test_cli_wrong_model_size(tmp_path, tiny_mae, capsys):
     torch.save({"model": tiny_mae.encoder_state_dict()}, tmp_path / "enc.pth")
     code, out, err = _run_in_process(
         capsys, ["--from", "mae", "--to", "timm", str(tmp_path / "enc.pth"), str(tmp_path / "b.pth"),
-                 "--arch", "vit_base"])
+                 "--config", os.path.join(REPO, "configs/mae/mae_vit_base_patch16.yaml")])
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
@@ -584,13 +627,27 @@ def test_cli_wrong_model_size(tmp_path, tiny_mae, capsys):
     assert not (tmp_path / "b.pth").exists()
 
 
+def tiny_config_file(tmp_path):
+    """The tiny detector's architecture as a config file (what --config takes)."""
+    lines = ["_base_: " + os.path.join(REPO, DET_CONFIGS["vit_base"])]
+    path = tmp_path / "tiny_det.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = det_config(str(path), TINY_DET)
+    from omegaconf import OmegaConf
+
+    path.write_text(OmegaConf.to_yaml(cfg))
+    return str(path)
+
+
 def test_cli_errors_name_file_and_key(tmp_path, tiny_det, tiny_mae, capsys):
-    d2, _, _, _ = maedet_det_to_d2(tiny_det.state_dict())
+    d2, _ = maedet_det_to_d2(tiny_det.state_dict(), report())
+    config = ["--config", tiny_config_file(tmp_path)]
     bad = dict(d2)
     bad["roi_heads.box_head.fc1.weight"] = torch.zeros(128, 100)
     torch.save({"model": bad}, tmp_path / "bad.pth")
     code, out, err = _run_in_process(
-        capsys, ["--from", "d2-vitdet", "--to", "maedet-det", str(tmp_path / "bad.pth"), str(tmp_path / "o.pth")])
+        capsys, ["--from", "d2-vitdet", "--to", "maedet-det", str(tmp_path / "bad.pth"), str(tmp_path / "o.pth"),
+                 *config])
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:")
     assert str(tmp_path / "bad.pth") in err and "'roi_heads.box_head.fc1.weight'" in err
     assert not (tmp_path / "o.pth").exists()
@@ -599,7 +656,8 @@ def test_cli_errors_name_file_and_key(tmp_path, tiny_det, tiny_mae, capsys):
     missing = {k: v for k, v in d2.items() if k != "roi_heads.mask_head.deconv.weight"}
     torch.save({"model": missing}, tmp_path / "missing.pth")
     code, _, err = _run_in_process(
-        capsys, ["--from", "d2-vitdet", "--to", "maedet-det", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth")])
+        capsys, ["--from", "d2-vitdet", "--to", "maedet-det", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth"),
+                 *config])
     assert code == 2 and "'roi_heads.mask_head.deconv.weight'" in err and str(tmp_path / "missing.pth") in err
     assert not (tmp_path / "o.pth").exists()
 
@@ -614,7 +672,8 @@ def test_cli_errors_name_file_and_key(tmp_path, tiny_det, tiny_mae, capsys):
     # wrong format / unsupported pair
     torch.save({"model": tiny_det.state_dict()}, tmp_path / "det.pth")
     code, _, err = _run_in_process(
-        capsys, ["--from", "d2-vitdet", "--to", "maedet-det", str(tmp_path / "det.pth"), str(tmp_path / "o.pth")])
+        capsys, ["--from", "d2-vitdet", "--to", "maedet-det", str(tmp_path / "det.pth"), str(tmp_path / "o.pth"),
+                 *config])
     assert code == 2 and "--from maedet-det" in err
     code, _, err = _run_in_process(
         capsys, ["--from", "timm", "--to", "d2-vitdet", str(tmp_path / "det.pth"), str(tmp_path / "o.pth")])

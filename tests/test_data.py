@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import types
 import random
 import subprocess
 import sys
@@ -20,19 +21,18 @@ from maedet.data import (
     InferenceSampler,
     InfiniteSampler,
     SeededDataset,
-    ToModelInput,
     build_detection_test_loader,
     build_detection_train_loader,
-    build_lsj_train_transform,
     build_mae_transform,
     build_pretrain_loader,
-    build_test_transform,
     generate_toy_dataset,
+    lsj,
     read_image_rgb,
+    resize_shortest_edge,
 )
 from maedet.data.coco import decode_masks
 from maedet.data.transforms import masks_to_tight_boxes
-from maedet.errors import DatasetError
+from maedet.utils.errors import DatasetError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,24 +74,27 @@ def write_json(path, data):
 def test_lsj_output_size_and_boxes_are_tight_boxes_of_masks(coco128_root):
     json_file, image_root = coco128_paths(coco128_root)
     size = 256
-    ds = CocoInstanceDataset(json_file, image_root, transforms=build_lsj_train_transform(size, 0.1, 2.0))
+    ds = CocoInstanceDataset(json_file, image_root, transforms=lsj(size, 0.1, 2.0))
     seeded = SeededDataset(ds)
-    total = 0
+    total, cropped = 0, 0
     for i in range(0, 40, 4):
-        for seed in (1, 2):
+        for seed in (1, 4):  # jitter scales 0.63 and 1.16 (cropped)
             (image, target), _ = seeded[(i, seed)]
             assert isinstance(image, tv_tensors.Image)
-            assert image.shape == (3, size, size) and image.dtype == torch.uint8
+            # detectron2's FixedSizeCrop(pad=False): cropped to size where larger, never padded
+            h, w = image.shape[-2:]
+            assert h <= size and w <= size and image.dtype == torch.uint8
+            cropped += max(h, w) == size
             masks, boxes, labels = target["masks"], target["boxes"], target["labels"]
             n = labels.shape[0]
-            assert masks.shape == (n, size, size) and boxes.shape == (n, 4)
-            assert tuple(boxes.canvas_size) == (size, size)
+            assert masks.shape == (n, h, w) and boxes.shape == (n, 4)
+            assert tuple(boxes.canvas_size) == (h, w)
             if n:
                 assert bool(masks.flatten(1).any(1).all()), "empty instance masks must be dropped"
                 assert torch.equal(plain(boxes), masks_to_tight_boxes(masks))
                 assert int(labels.min()) >= 1 and int(labels.max()) <= ds.num_classes
             total += n
-    assert total > 0
+    assert total > 0 and cropped > 0
 
 
 def test_tight_boxes_convention():
@@ -115,7 +118,7 @@ def test_lsj_flip_maps_box_x_to_width_minus_x():
         "orig_size": (h, w),
     }
     seeded = SeededDataset([(image, target)])
-    transform = build_lsj_train_transform(w, min_scale=1.0, max_scale=1.0, hflip=True)
+    transform = lsj(w, min_scale=1.0, max_scale=1.0, hflip=True)
     seen = set()
     for seed in range(16):
         (img, tgt), _ = SeededDataset(_Mapped(seeded.dataset, transform))[(0, seed)]
@@ -131,7 +134,11 @@ def test_lsj_flip_maps_box_x_to_width_minus_x():
     assert seen == {"flipped", "same"}
 
 
-def test_lsj_pads_small_images_image_with_pad_value_masks_with_zero():
+def test_lsj_keeps_small_images_at_top_left_and_the_detector_pads_bottom_right():
+    """detectron2's FixedSizeCrop(pad=False): a smaller image is not moved; the detector pads
+    the batch bottom/right with 0 after normalization, as at test time."""
+    from maedet.models.detectors.rcnn import GeneralizedRCNN
+
     image = tv_tensors.Image(torch.full((3, 40, 60), 200, dtype=torch.uint8))
     mask = torch.zeros(1, 40, 60, dtype=torch.uint8)
     mask[0, 5:30, 10:20] = 1
@@ -140,13 +147,25 @@ def test_lsj_pads_small_images_image_with_pad_value_masks_with_zero():
         "labels": torch.tensor([1]), "masks": tv_tensors.Mask(mask), "image_id": 1, "orig_size": (40, 60),
     }
     torch.manual_seed(0)
-    out, t = build_lsj_train_transform(64, 0.5, 0.5, pad_value=(124, 116, 104))(image, target)
-    assert out.shape == (3, 64, 64)
-    # scale 0.5 of the fit-in-64 size (64x43 -> 32x21): most of the output is padding
-    assert int((out[0] == 200).sum()) == 32 * 21
-    assert int((out[0] == 124).sum()) == 64 * 64 - 32 * 21
-    assert int(t["masks"].sum()) > 0 and int(t["masks"][0][out[0] == 124].sum()) == 0
+    out, t = lsj(64, 0.5, 0.5, hflip=False)(image, target)
+    # scale 0.5 of the fit-in-64 size (64x43): 32x21, not padded
+    assert out.shape == (3, 21, 32) and int((out[0] == 200).sum()) == 32 * 21
+    assert t["masks"].shape == (1, 21, 32) and int(t["masks"].sum()) > 0
     assert torch.equal(plain(t["boxes"]), masks_to_tight_boxes(t["masks"]))
+    # the object did not move: its box is the original one scaled (nearest-neighbour masks: +-1 px)
+    scale = torch.tensor([32 / 60, 21 / 40, 32 / 60, 21 / 40])
+    assert torch.allclose(plain(t["boxes"]), torch.tensor([[10.0, 5, 20, 30]]) * scale, atol=1.0)
+    neck = types.SimpleNamespace(padding_constraints={"size_divisibility": 32, "square_size": 64})
+    model = GeneralizedRCNN.__new__(GeneralizedRCNN)
+    torch.nn.Module.__init__(model)
+    model.backbone = neck
+    model.register_buffer("pixel_mean", torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1), False)
+    model.register_buffer("pixel_std", torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1), False)
+    batch, sizes = model.preprocess([plain(out)])
+    assert batch.shape == (1, 3, 64, 64) and sizes == [(21, 32)]
+    expected = (200 - model.pixel_mean) / model.pixel_std
+    assert torch.allclose(batch[0, :, :21, :32], expected.expand(3, 21, 32))
+    assert batch[0, :, 21:].abs().sum() == 0 and batch[0, :, :, 32:].abs().sum() == 0
 
 
 class _Mapped(torch.utils.data.Dataset):
@@ -166,17 +185,14 @@ def test_test_transform_resizes_keeping_aspect(coco128_root):
     ds = CocoInstanceDataset(json_file, image_root, filter_empty=False)
     image, target = ds[0]  # 480 x 640
     assert tuple(image.shape[-2:]) == (480, 640)
-    out, t = build_test_transform(short_edge=256, max_size=320)(image, target)
+    out, t = resize_shortest_edge(short_edge_length=256, max_size=320)(image, target)
     assert tuple(out.shape) == (3, 240, 320)  # long side capped: scale 0.5
     assert torch.allclose(plain(t["boxes"]), plain(target["boxes"]) * 0.5, atol=1e-3)
     assert tuple(t["masks"].shape[-2:]) == (240, 320) and t["orig_size"] == (480, 640)
-    out, _ = build_test_transform(short_edge=1024, max_size=1024)(image, target)
+    out, _ = resize_shortest_edge(short_edge_length=1024, max_size=1024)(image, target)
     assert tuple(out.shape[-2:]) == (768, 1024)
-    out, _ = build_test_transform(short_edge=240, max_size=1000)(image, target)
+    out, _ = resize_shortest_edge(short_edge_length=240, max_size=1000)(image, target)
     assert tuple(out.shape[-2:]) == (240, 320)  # short side reached
-    x, t2 = ToModelInput()(image, target)
-    assert x.dtype == torch.float32 and float(x.max()) <= 1.0 and torch.equal(t2["masks"], target["masks"])
-    assert torch.allclose(x * 255, plain(image).float())
 
 
 def test_mae_transform_output(coco128_root):
@@ -398,17 +414,17 @@ def test_pretrain_loader_same_batches_for_any_workers_and_ranks(coco128_root):
 
 def test_detection_loaders(toy_dir):
     json_file = os.path.join(toy_dir, "annotations", "instances_train.json")
-    ds = CocoInstanceDataset(json_file, os.path.join(toy_dir, "train"), transforms=build_lsj_train_transform(64))
+    ds = CocoInstanceDataset(json_file, os.path.join(toy_dir, "train"), transforms=lsj(64))
     images, targets, seeds = next(iter(build_detection_train_loader(ds, batch_size=3, seed=0)))
     assert len(images) == len(targets) == 3 and seeds.shape == (3,) and seeds.dtype == torch.int64
     for img, t in zip(images, targets):
-        assert type(img) is torch.Tensor and img.shape == (3, 64, 64) and img.dtype == torch.uint8
+        assert type(img) is torch.Tensor and max(img.shape[-2:]) <= 64 and img.dtype == torch.uint8
         assert type(t["boxes"]) is torch.Tensor and t["boxes"].dtype == torch.float32 and t["boxes"].shape[1] == 4
         assert t["labels"].dtype == torch.int64 and t["masks"].dtype == torch.uint8
-        assert t["masks"].shape == (t["labels"].shape[0], 64, 64)
+        assert t["masks"].shape == (t["labels"].shape[0], *img.shape[-2:])
     again = next(iter(build_detection_train_loader(ds, batch_size=3, seed=0)))
     assert all(torch.equal(a, b) for a, b in zip(images, again[0]))
-    test_ds = CocoInstanceDataset(json_file, os.path.join(toy_dir, "train"), transforms=build_test_transform(48, 48), filter_empty=False)
+    test_ds = CocoInstanceDataset(json_file, os.path.join(toy_dir, "train"), transforms=resize_shortest_edge(48, 48), filter_empty=False)
     seen = []
     for r in range(3):
         for imgs, tgts in build_detection_test_loader(test_ds, batch_size=2, rank=r, world_size=3):

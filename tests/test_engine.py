@@ -12,7 +12,7 @@ from maedet.checkpoint.io import atomic_save, load_checkpoint_file
 from maedet.engine.events import MetricsWriter
 from maedet.engine.optim import build_optimizer, param_groups
 from maedet.engine.schedule import LRSchedule
-from maedet.errors import CheckpointError
+from maedet.utils.errors import CheckpointError
 
 
 def test_cosine_schedule_matches_mae_formula():
@@ -48,7 +48,8 @@ class _Toy(nn.Module):
 
 
 def test_param_groups_weight_decay_exclusions():
-    groups = param_groups(_Toy(), weight_decay=0.05)
+    # the MAE release's rule (1-D parameters and biases) plus an exempt name
+    groups = param_groups(_Toy(), weight_decay=0.05, no_decay_1d=True, no_weight_decay=["pos_embed"])
     wd = {n: g["weight_decay"] for g in groups for n in g["names"]}
     assert wd == {"pos_embed": 0.0, "lin.weight": 0.05, "lin.bias": 0.0, "norm.weight": 0.0, "norm.bias": 0.0}
 
@@ -56,8 +57,8 @@ def test_param_groups_weight_decay_exclusions():
 def test_layer_decay_scales_and_optimizer_lr():
     depth, decay, lr = 3, 0.5, 1e-3
 
-    def layer_id(name, num_layers):
-        return 0 if name == "pos_embed" else num_layers + 1
+    def layer_id(name):
+        return 0 if name == "pos_embed" else depth + 1
 
     groups = param_groups(_Toy(), 0.1, layer_decay=decay, num_layers=depth, layer_id_fn=layer_id)
     opt = build_optimizer(groups, "adamw", lr=lr)
@@ -87,8 +88,8 @@ def test_fused_adamw_on_cpu_by_default_and_equal_to_foreach():
 
 
 def test_amp_modes(monkeypatch):
-    import maedet.engine.amp as amp
-    from maedet.errors import ConfigError
+    import maedet.utils.amp as amp
+    from maedet.utils.errors import ConfigError
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert amp.resolve_amp("auto", cpu) == "off" and amp.amp_dtype("auto", cpu) is None

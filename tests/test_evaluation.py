@@ -13,14 +13,13 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maedet.errors import DatasetError
+from maedet.utils.errors import DatasetError
 from maedet.evaluation import (
     COCO_METRIC_NAMES,
     COCOEvaluator,
     evaluate_results_file,
     instances_to_coco_json,
     print_coco_table,
-    rescale_instances,
 )
 
 try:
@@ -221,39 +220,29 @@ def test_instances_to_coco_json_maps_categories_and_boxes():
                                label_to_cat_id=label_to_cat_id)
 
 
-def test_rescale_instances_maps_back_exactly():
-    masks = torch.zeros(1, 1, 20, 30)
-    masks[0, 0, 4:10, 6:12] = 1.0
+def test_detections_map_back_to_the_original_image_exactly():
+    """The detector maps boxes to the original image (detectron2's detector_postprocess)."""
+    from maedet.models.detectors.rcnn import rescale_detections
+
     out = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 40.0]]), "scores": torch.tensor([0.5]),
-           "labels": torch.tensor([1]), "masks": masks}
-    # model input (h=20, w=30) -> original (h=40, w=60): factor 2
-    r = rescale_instances(out, (20, 30), (40, 60))
-    assert r["masks"].shape == (1, 1, 40, 60)
-    expected = torch.zeros(40, 60, dtype=torch.bool)
-    expected[8:20, 12:24] = True
-    assert torch.equal(r["masks"][0, 0] > 0.5, expected)
-    assert r["scores"] is out["scores"] and r["labels"] is out["labels"]
+           "labels": torch.tensor([1]), "mask_probs": torch.ones(1, 1, 28, 28)}
     # separate x and y factors: (200, 300) -> (500, 450): sy = 2.5, sx = 1.5
-    r = rescale_instances({"boxes": torch.tensor([[10.0, 20.0, 30.0, 40.0]])}, (200, 300), (500, 450))
+    r = rescale_detections(out, (200, 300), (500, 450))
     assert torch.equal(r["boxes"], torch.tensor([[15.0, 50.0, 45.0, 100.0]]))
-    # same size: unchanged
-    r = rescale_instances(out, (20, 30), (20, 30))
-    assert torch.equal(r["boxes"], out["boxes"]) and r["masks"] is masks
+    assert torch.equal(r["scores"], out["scores"]) and torch.equal(r["mask_probs"], out["mask_probs"])
+    # same size: unchanged; boxes clipped to the image, empty ones dropped
+    r = rescale_detections(out, (20, 30), (20, 30))
+    assert torch.equal(r["boxes"], torch.tensor([[10.0, 20.0, 30.0, 20.0]])[:0]) or r["boxes"].shape[0] == 0
+    r = rescale_detections({**out, "boxes": torch.tensor([[10.0, 5.0, 40.0, 15.0]])}, (20, 30), (20, 30))
+    assert torch.equal(r["boxes"], torch.tensor([[10.0, 5.0, 30.0, 15.0]]))
 
 
-def test_process_rescales_from_input_size_and_subset_restricts_img_ids(coco_gt, label_maps):
+def test_processed_subset_restricts_img_ids(coco_gt, label_maps):
     label_to_cat_id, cat_to_label = label_maps
     ids = sorted(coco_gt.getImgIds())[:5]
     ev = COCOEvaluator(coco_gt, label_to_cat_id, tasks=("bbox",))
-    outs, input_sizes = [], []
-    for j in ids:
-        o = gt_as_outputs(coco_gt, cat_to_label, j, masks=False)
-        o["boxes"] = o["boxes"] * 0.5  # the model saw the image at half size
-        info = coco_gt.imgs[j]
-        input_sizes.append((info["height"] / 2, info["width"] / 2))
-        outs.append(o)
-    # orig_sizes=None: taken from the ground truth's height/width
-    ev.process(ids, outs, input_sizes=input_sizes)
+    outs = [gt_as_outputs(coco_gt, cat_to_label, j, masks=False) for j in ids]
+    ev.process(ids, outs)
     res = ev.evaluate()
     assert res["bbox"]["AP"] == pytest.approx(100.0)
     assert ev.coco_evals["bbox"].params.imgIds == ids

@@ -9,19 +9,48 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maedet.models import MAE_MODELS, MaskedAutoencoderViT
-from maedet.models.mae import (
-    mae_vit_base_patch16,
-    mae_vit_huge_patch14,
-    mae_vit_large_patch16,
-    mae_vit_tiny_patch16,
-    masking_noise,
-)
+from maedet.builders import build_mae_model, load_pretrain_config
+from maedet.models.mae import MaskedAutoencoderViT, masking_noise
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Model sizes live in the configs only; these build the MAE of a shipped config.
+MAE_CONFIGS = {
+    "mae_vit_tiny_patch16": "configs/quickstart/mae_tiny.yaml",
+    "mae_vit_base_patch16": "configs/mae/mae_vit_base_patch16.yaml",
+    "mae_vit_large_patch16": "configs/mae/mae_vit_large_patch16.yaml",
+    "mae_vit_huge_patch14": "configs/mae/mae_vit_huge_patch14.yaml",
+}
+
+
+def mae_from_config(name, **overrides):
+    cfg = load_pretrain_config(os.path.join(REPO, MAE_CONFIGS[name]), [f"model.{k}={v}" for k, v in overrides.items()])
+    return build_mae_model(cfg.model)
+
+
+def mae_vit_tiny_patch16(**kw):
+    kw.setdefault("img_size", 224)
+    return mae_from_config("mae_vit_tiny_patch16", **kw)
+
+
+def mae_vit_base_patch16(**kw):
+    return mae_from_config("mae_vit_base_patch16", **kw)
+
+
+def mae_vit_large_patch16(**kw):
+    return mae_from_config("mae_vit_large_patch16", **kw)
+
+
+def mae_vit_huge_patch14(**kw):
+    return mae_from_config("mae_vit_huge_patch14", **kw)
+
+
+MAE_MODELS = {name: globals()[name] for name in MAE_CONFIGS}
 
 
 def _tiny(**kw):
     torch.manual_seed(0)
     kw.setdefault("img_size", 64)
+    kw.setdefault("norm_pix_loss", False)
     return mae_vit_tiny_patch16(**kw)
 
 

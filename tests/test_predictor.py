@@ -14,26 +14,20 @@ import pytest
 import torch
 from torch import nn
 
-from maedet.errors import ConfigError, DatasetError
+from maedet.builders import build_predictor
 from maedet.inference import Predictor
+from maedet.utils.errors import ConfigError, DatasetError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFER = os.path.join(REPO_ROOT, "tools", "infer.py")
 
-# A tiny ViTDet Mask R-CNN. min_size/max_size (96/128) are smaller than the test
-# images, so the model resizes them internally; box_score_thresh 0 so that an
+# A tiny ViTDet Mask R-CNN. The test resize (96/128) is smaller than the test
+# images, so they are resized before the model; score threshold 0 so that an
 # untrained model still returns instances.
 TINY_YAML = """
 output_dir: {out}
 model:
   num_classes: 3
-  pyramid_channels: 32
-  min_size: 96
-  max_size: 128
-  box_score_thresh: 0.0
-  detections_per_img: 10
-  rpn_pre_nms_top_n_test: 200
-  rpn_post_nms_top_n_test: 50
   backbone:
     img_size: 128
     embed_dim: 64
@@ -43,6 +37,12 @@ model:
     global_blocks: [1]
     drop_path_rate: 0.0
     pretrain_img_size: 128
+  neck: {{out_channels: 32, square_pad: 128}}
+  rpn: {{pre_nms_topk_test: 200, post_nms_topk_test: 50}}
+  roi_heads: {{score_thresh: 0.0, detections_per_img: 10}}
+data:
+  test:
+    pipeline: {{name: resize_shortest_edge, short_edge_length: 96, max_size: 128}}
 """
 
 
@@ -58,9 +58,8 @@ def _random_image(h, w, seed=0):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(config path, weights path, class names, label_to_cat_id, toy dataset split) on disk."""
-    from maedet.config import DetectionConfig, load_config
+    from maedet.builders import build_detection_model, load_detection_config
     from maedet.data.toy import generate_toy_dataset
-    from maedet.engine.detection import build_detection_model
 
     d = tmp_path_factory.mktemp("tiny_det")
     cfg_path = str(d / "tiny.yaml")
@@ -72,7 +71,7 @@ def tiny(tmp_path_factory):
     class_names = [c["name"] for c in cats]
     label_to_cat_id = {i + 1: int(c["id"]) for i, c in enumerate(cats)}
     torch.manual_seed(0)
-    model = build_detection_model(load_config(cfg_path, [], DetectionConfig), len(class_names))
+    model = build_detection_model(load_detection_config(cfg_path, [], splits=()).model, len(class_names))
     weights = str(d / "model_final.pth")
     torch.save({"model": model.state_dict(),
                 "meta": {"class_names": class_names, "label_to_cat_id": label_to_cat_id,
@@ -83,7 +82,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(tiny):
-    return Predictor(tiny["config"], tiny["weights"], device="cpu")
+    return build_predictor(tiny["config"], tiny["weights"], device="cpu")
 
 
 def assert_same(a, b):
@@ -99,53 +98,50 @@ def assert_same(a, b):
 
 # --------------------------------------------------------------- a fake model
 class FakeModel(nn.Module):
-    """Returns known instances in the coordinates of each input image; records its inputs."""
+    """Returns known instances in the frame of ``output_sizes``; records its inputs."""
+
+    num_classes = 3
 
     def __init__(self):
         super().__init__()
         self.seen = []
 
-    def forward(self, images):
+    def forward(self, images, output_sizes=None):
         outs = []
-        for img in images:
+        for img, (h, w) in zip(images, output_sizes):
             self.seen.append(img.detach().clone())
-            h, w = img.shape[-2:]
             boxes = torch.tensor([[0.1 * w, 0.2 * h, 0.5 * w, 0.9 * h],
                                   [0.0, 0.0, w, h],
                                   [0.6 * w, 0.1 * h, w + 7.0, 0.3 * h]])  # sticks out on the right
-            masks = torch.full((3, 1, h, w), 0.2)
-            for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
-                masks[i, 0, int(y1):int(y2), int(x1):int(x2)] = 0.8
-            masks[0, 0, int(0.2 * h), int(0.1 * w)] = 0.5  # exactly at the threshold: background
+            mask_probs = torch.full((3, 1, 28, 28), 0.8)  # each mask fills its box
             outs.append({"boxes": boxes, "scores": torch.tensor([0.9, 0.3, 0.7]),
-                         "labels": torch.tensor([2, 1, 3]), "masks": masks})
+                         "labels": torch.tensor([2, 1, 3]), "mask_probs": mask_probs})
         return outs
 
 
 def test_fake_model_outputs_in_original_coordinates():
     fake = FakeModel()
-    p = Predictor.from_model(fake, class_names=["cat", "dog", "bird"], label_to_cat_id={1: 17, 2: 18, 3: 44},
-                             score_thresh=0.5)
+    p = Predictor(fake, class_names=["cat", "dog", "bird"], label_to_cat_id={1: 17, 2: 18, 3: 44},
+                  score_thresh=0.5)
     h, w = 70, 110
     img = _random_image(h, w)
     out = p(img)
-    # the model saw the RGB image as float [0, 1] at its own size
+    # the model saw the RGB image as uint8 at its own size (no transform given)
     seen = fake.seen[-1]
-    assert seen.dtype == torch.float32 and tuple(seen.shape) == (3, h, w)
-    torch.testing.assert_close(seen, torch.from_numpy(img).permute(2, 0, 1).float() / 255)
+    assert seen.dtype == torch.uint8 and tuple(seen.shape) == (3, h, w)
+    torch.testing.assert_close(seen, torch.from_numpy(img).permute(2, 0, 1))
     # score filter, order kept, labels -> names and COCO ids
     np.testing.assert_allclose(out["scores"], [0.9, 0.7])
     assert out["scores"].dtype == np.float32 and out["boxes"].dtype == np.float32
     assert out["labels"].tolist() == [2, 3]
     assert out["class_names"] == ["dog", "bird"]
     assert out["class_ids"].tolist() == [18, 44]
-    # boxes unchanged (clipped to the image), masks thresholded at > 0.5
+    # boxes unchanged (clipped to the image), masks pasted into their boxes
     np.testing.assert_allclose(out["boxes"], [[0.1 * w, 0.2 * h, 0.5 * w, 0.9 * h], [0.6 * w, 0.1 * h, w, 0.3 * h]],
                                rtol=1e-6)
     assert out["masks"].dtype == np.bool_ and out["masks"].shape == (2, h, w)
     expected = np.zeros((2, h, w), dtype=bool)
     expected[0, int(0.2 * h):int(0.9 * h), int(0.1 * w):int(0.5 * w)] = True
-    expected[0, int(0.2 * h), int(0.1 * w)] = False
     expected[1, int(0.1 * h):int(0.3 * h), int(0.6 * w):] = True
     np.testing.assert_array_equal(out["masks"], expected)
     # the same image as BGR array, as uint8 / float tensors, and as a file
@@ -159,7 +155,7 @@ def test_fake_model_outputs_in_original_coordinates():
 
 
 def test_bad_inputs_and_options(tmp_path):
-    p = Predictor.from_model(FakeModel(), class_names=["a", "b", "c"])
+    p = Predictor(FakeModel(), class_names=["a", "b", "c"])
     with pytest.raises(ValueError):
         p(np.zeros((5, 5), dtype=np.uint8))
     with pytest.raises(ValueError):
@@ -169,19 +165,19 @@ def test_bad_inputs_and_options(tmp_path):
     with pytest.raises(DatasetError, match="bad.jpg"):
         p(str(bad))
     with pytest.raises(ConfigError, match="amp='fp32'"):
-        Predictor.from_model(FakeModel(), amp="fp32", device="cpu")
+        Predictor(FakeModel(), amp="fp32", device="cpu")
     assert p([]) == []
     # no names: labels as text; no mapping: identity category ids
-    q = Predictor.from_model(FakeModel())
+    q = Predictor(FakeModel())
     out = q(np.zeros((20, 30, 3), dtype=np.uint8))
     assert out["class_names"] == ["2", "1", "3"] and out["class_ids"].tolist() == [2, 1, 3]
 
 
 # --------------------------------------------------------------- the real model
 def test_real_model_nonsquare_image_original_coordinates(predictor, tiny):
-    h, w = 150, 200  # non-square, larger than min_size=96/max_size=128: the model resizes it
-    assert predictor.model.transform.min_size[0] < h and predictor.model.transform.max_size < w
+    h, w = 150, 200  # non-square, larger than the test resize 96/128: resized before the model
     out = predictor(_random_image(h, w))
+    assert tuple(predictor.transform(torch.zeros(3, h, w, dtype=torch.uint8)).shape) == (3, 96, 128)
     n = len(out["scores"])
     assert n > 0
     assert out["boxes"].shape == (n, 4) and out["boxes"].dtype == np.float32
@@ -248,16 +244,15 @@ def test_threads_share_one_predictor(predictor):
 
 
 def test_bf16_autocast_on_cpu(predictor, tiny):
-    # a copy: under autocast torchvision's AnchorGenerator stores its cell anchors in bf16
-    p = Predictor.from_model(copy.deepcopy(predictor.model), tiny["class_names"], tiny["label_to_cat_id"],
-                             amp="bf16")
+    p = Predictor(copy.deepcopy(predictor.model), transform=predictor.transform, class_names=tiny["class_names"],
+                  label_to_cat_id=tiny["label_to_cat_id"], amp="bf16")
     out = p(_random_image(120, 160))
     n = len(out["scores"])
     assert out["boxes"].dtype == np.float32 and out["masks"].shape == (n, 120, 160)
 
 
 def test_score_thresh_and_checkpoint_class_names(tiny):
-    p = Predictor(tiny["config"], tiny["weights"], score_thresh=0.3, class_names=["x", "y", "z"])
+    p = build_predictor(tiny["config"], tiny["weights"], score_thresh=0.3, class_names=["x", "y", "z"])
     out = p(_random_image(96, 128))
     assert (out["scores"] >= 0.3).all()
     assert set(out["class_names"]) <= {"x", "y", "z"}

@@ -8,11 +8,10 @@ import sys
 import pytest
 import torch
 
-from maedet.config import PretrainConfig, load_config
+from maedet.builders import load_pretrain_config, run_pretraining
 from maedet.data.toy import generate_toy_dataset
-from maedet.engine.events import setup_logger
-from maedet.engine.pretrain import run_pretraining
 from maedet.engine.trainer import HookBase
+from maedet.utils.logger import setup_logger
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = """
@@ -34,7 +33,7 @@ def image_root(tmp_path_factory):
 def _config(tmp_path, image_root, name, overrides=()):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY % {"root": image_root})
-    return load_config(str(path), [f"output_dir={tmp_path / name}", *overrides], PretrainConfig)
+    return load_pretrain_config(str(path), [f"output_dir={tmp_path / name}", *overrides])
 
 
 class _Crash(HookBase):

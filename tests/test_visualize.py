@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from maedet.errors import MaedetError
+from maedet.utils.errors import MaedetError
 from maedet.inference import PALETTE, draw_instances, save_visualization
 
 H, W = 60, 80

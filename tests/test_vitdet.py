@@ -9,29 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maedet.checkpoint.pretrained import LoadReport, load_pretrained_backbone
-from maedet.errors import CheckpointError
-from maedet.models.mask_rcnn import (
-    AlignedMultiScaleRoIAlign,
-    ViTDetRoIHeads,
-    box_regression_loss,
-    ViTDetRPN,
-    build_vitdet_mask_rcnn,
-)
+from maedet.checkpoint.pretrained import load_pretrained_backbone
+from maedet.checkpoint.report import Report
+from maedet.models.backbones.vit import Attention, Block, ViT, get_abs_pos, window_partition, window_unpartition
+from maedet.models.detectors.poolers import MultiLevelRoIAlign
+from maedet.models.detectors.rcnn import GeneralizedRCNN
+from maedet.models.detectors.roi_heads import StandardRoIHeads
+from maedet.models.detectors.rpn import RPN, box_regression_loss
+from maedet.models.necks.simple_fpn import SimpleFeaturePyramid
 from maedet.models.pos_embed import resize_pos_embed_grid
-from maedet.models.pyramid import SimpleFeaturePyramid
-from maedet.models.vit import (
-    VIT_PRESETS,
-    Attention,
-    Block,
-    ViT,
-    get_abs_pos,
-    get_vit_layer_id,
-    window_partition,
-    window_unpartition,
-)
+from maedet.utils.errors import CheckpointError
 
 torch.set_num_threads(2)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_VIT = dict(
     img_size=128,
@@ -40,7 +30,7 @@ TINY_VIT = dict(
     depth=3,
     num_heads=2,
     window_size=4,
-    window_block_indexes=(0, 2),
+    global_blocks=(1,),
     pretrain_img_size=64,
 )
 
@@ -51,32 +41,20 @@ def tiny_vit(**kw):
     return ViT(**args)
 
 
-def tiny_mask_rcnn(vit_overrides=None, **kw):
-    vit_kwargs = dict(TINY_VIT)
-    vit_kwargs.update(vit_overrides or {})
-    args = dict(
-        num_classes=3,
-        vit_kwargs=vit_kwargs,
-        pyramid_out_channels=32,
-        min_size=128,
-        max_size=128,
-        box_head_conv_dims=(16, 16),
-        box_head_fc_dim=32,
-        mask_head_conv_dims=(16, 16),
-        rpn_pre_nms_top_n_train=200,
-        rpn_post_nms_top_n_train=64,
-        rpn_pre_nms_top_n_test=200,
-        rpn_post_nms_top_n_test=64,
-        box_batch_size_per_image=32,
-        rpn_batch_size_per_image=64,
-    )
-    args.update(kw)
-    return build_vitdet_mask_rcnn(**args)
+def tiny_mask_rcnn(vit_overrides=None, num_classes=3):
+    """A small ViTDet Mask R-CNN assembled from its parts (the detector takes modules)."""
+    neck = SimpleFeaturePyramid(tiny_vit(**(vit_overrides or {})), out_channels=32, square_pad=128)
+    shape = neck.output_shape()
+    rpn = RPN(shape, pre_nms_topk_train=200, post_nms_topk_train=64, pre_nms_topk_test=200, post_nms_topk_test=64,
+              batch_size_per_image=64)
+    heads = StandardRoIHeads(shape, num_classes, box_head_conv_dims=(16, 16), box_head_fc_dims=(32,),
+                             mask_head_conv_dims=(16, 16), batch_size_per_image=32)
+    return GeneralizedRCNN(backbone=neck, proposal_generator=rpn, roi_heads=heads)
 
 
 def toy_batch():
     g = torch.Generator().manual_seed(0)
-    imgs = [torch.rand(3, 128, 128, generator=g), torch.rand(3, 128, 128, generator=g)]
+    imgs = [torch.rand(3, 128, 128, generator=g) * 255, torch.rand(3, 128, 128, generator=g) * 255]
     m1 = torch.zeros(1, 128, 128, dtype=torch.uint8)
     m1[0, 10:50, 20:70] = 1
     m2 = torch.zeros(2, 128, 128, dtype=torch.uint8)
@@ -170,9 +148,9 @@ def _reference_rel_pos_attention(attn: Attention, x: torch.Tensor) -> torch.Tens
 @pytest.mark.parametrize("grid", [(4, 4), (6, 5)])  # (6, 5): rel-pos tables interpolated
 def test_attention_impls_agree_forward_and_backward(grid, chunked, monkeypatch):
     if chunked:  # CPU sdpa path over query chunks of 7 rows (the last one shorter)
-        import maedet.models.vit as vit_module
+        import maedet.models.backbones.attention as attention
 
-        monkeypatch.setattr(vit_module, "_CPU_CHUNK_ELEMENTS", 2 * 3 * grid[0] * grid[1] * 7)
+        monkeypatch.setattr(attention, "_CPU_CHUNK_ELEMENTS", 2 * 3 * grid[0] * grid[1] * 7)
     torch.manual_seed(0)
     base = Attention(24, 3, use_rel_pos=True, rel_pos_zero_init=False, input_size=(4, 4)).double()
     x0 = torch.randn(2, *grid, 24, dtype=torch.float64)
@@ -201,7 +179,7 @@ def test_vit_impls_and_act_checkpoint_agree():
     ref = tiny_vit(rel_pos_zero_init=False, attn_impl="explicit").double()
     x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
     outs = []
-    for kw in (dict(attn_impl="explicit"), dict(attn_impl="sdpa"), dict(attn_impl="sdpa", use_act_checkpoint=True)):
+    for kw in (dict(attn_impl="explicit"), dict(attn_impl="sdpa"), dict(attn_impl="sdpa", act_checkpoint=True)):
         m = tiny_vit(**kw).double()
         m.load_state_dict(ref.state_dict())
         m.train()
@@ -225,10 +203,14 @@ def test_vit_names_and_shapes_follow_detectron2():
         assert f"blocks.2.{name}" in sd
     assert not any(k.startswith(("norm.", "fc_norm", "cls_token")) for k in sd)
     assert vit.blocks[0].window_size == 4 and vit.blocks[1].window_size == 0
-    for name, preset in VIT_PRESETS.items():
-        globals_ = [i for i in range(preset["depth"]) if i not in preset["window_block_indexes"]]
-        assert len(globals_) in (2, 4) and globals_[-1] == preset["depth"] - 1, name
-    assert [i for i in range(12) if i not in VIT_PRESETS["vit_base"]["window_block_indexes"]] == [2, 5, 8, 11]
+    # the shipped recipes: 4 global blocks, the last one last (model sizes live in the configs only)
+    from maedet.builders import load_detection_config
+
+    for name, depth in (("b_100ep", 12), ("l_100ep", 24), ("h_75ep", 32)):
+        b = load_detection_config(os.path.join(REPO, f"configs/coco/mask_rcnn_vit_{name}.yaml"), splits=()).model.backbone
+        assert b.depth == depth and len(b.global_blocks) == 4 and b.global_blocks[-1] == depth - 1, name
+    b = load_detection_config(os.path.join(REPO, "configs/coco/mask_rcnn_vit_b_100ep.yaml"), splits=()).model.backbone
+    assert list(b.global_blocks) == [2, 5, 8, 11]
 
 
 # --------------------------------------------------------------------------- pyramid
@@ -254,20 +236,22 @@ def test_pyramid_strides_channels_non_square():
         fpn(torch.randn(1, 3, 128, 160))
 
 
-def test_pyramid_square_pad_equals_padding_then_cropping():
+def test_detector_pads_to_the_square_like_detectron2():
+    """The batch is padded bottom/right to square_pad (0 after normalization) before the
+    backbone: every pyramid level covers the whole square, as in detectron2."""
     torch.manual_seed(0)
-    vit = tiny_vit(rel_pos_zero_init=False)
-    padded = SimpleFeaturePyramid(vit, out_channels=16, square_pad=256).eval()
-    plain = SimpleFeaturePyramid(vit, out_channels=16, square_pad=0).eval()
-    plain.load_state_dict(padded.state_dict())
-    x = torch.randn(1, 3, 128, 192)
-    out = padded(x)
-    ref = plain(F.pad(x, (0, 256 - 192, 0, 256 - 128)))
-    for k, s in padded._out_feature_strides.items():
-        assert out[k].shape[-2:] == (128 // s, 192 // s)
-        torch.testing.assert_close(out[k], ref[k][:, :, : 128 // s, : 192 // s])
+    model = tiny_mask_rcnn(vit_overrides=dict(rel_pos_zero_init=False)).eval()
+    x = torch.rand(3, 96, 120) * 255
+    batch, sizes = model.preprocess([x])
+    assert batch.shape == (1, 3, 128, 128) and sizes == [(96, 120)]
+    torch.testing.assert_close(batch[0, :, :96, :120], (x - model.pixel_mean) / model.pixel_std)
+    assert batch[0, :, 96:].abs().sum() == 0 and batch[0, :, :, 120:].abs().sum() == 0
+    out = model.backbone(batch)
+    for k, stride in (("p2", 4), ("p4", 16), ("p6", 64)):
+        assert out[k].shape[-2:] == (128 // stride, 128 // stride)
     # Padding changes the result (window layout / pos-embed grid): not a no-op.
-    assert not torch.allclose(out["p4"], plain(x)["p4"], atol=1e-4)
+    plain = model.backbone.net(batch[:, :, :96, :128])["last_feat"]
+    assert not torch.allclose(model.backbone.net(batch)["last_feat"][..., :6, :], plain, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- Mask R-CNN
@@ -276,22 +260,17 @@ def test_pyramid_square_pad_equals_padding_then_cropping():
 def test_mask_rcnn_recipe_components():
     model = tiny_mask_rcnn()
     assert isinstance(model.backbone.net, ViT)
-    assert isinstance(model.rpn, ViTDetRPN) and isinstance(model.roi_heads, ViTDetRoIHeads)
+    assert isinstance(model.rpn, RPN) and isinstance(model.roi_heads, StandardRoIHeads)
     assert len(model.rpn.head.conv) == 2  # two 3x3 convs
-    assert model.rpn._post_nms_top_n == dict(training=64, testing=64)
-    assert model.rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,), (512,))
-    pool = model.roi_heads.box_roi_pool
-    assert isinstance(pool, AlignedMultiScaleRoIAlign) and pool.aligned and pool.sampling_ratio == 0
-    assert pool.featmap_names == ["p2", "p3", "p4", "p5"] and pool.output_size == (7, 7)
-    assert model.roi_heads.mask_roi_pool.output_size == (14, 14)
+    assert model.rpn.post_nms_topk == {True: 64, False: 64}
+    assert model.rpn.anchor_generator.sizes == (32.0, 64.0, 128.0, 256.0, 512.0)
+    assert model.rpn.anchor_generator.strides == (4, 8, 16, 32, 64) and model.rpn.anchor_generator.offset == 0.0
+    pool = model.roi_heads.box_pooler
+    assert isinstance(pool, MultiLevelRoIAlign) and pool.aligned and pool.sampling_ratio == 0
+    assert pool.in_features == ["p2", "p3", "p4", "p5"] and pool.output_size == 7
+    assert model.roi_heads.mask_pooler.output_size == 14
     assert model.roi_heads.box_predictor.cls_score.out_features == 4  # 3 classes + background
-    assert model.transform.size_divisible == 64 and model.backbone.square_pad == 128
-    # Training images keep their size (LSJ is done by the data pipeline); test images
-    # are resized to the longer side max_size.
-    model.transform.train()
-    assert model.transform([torch.rand(3, 64, 64)])[0].image_sizes == [(64, 64)]
-    model.transform.eval()
-    assert model.transform([torch.rand(3, 64, 64)])[0].image_sizes == [(128, 128)]
+    assert model.backbone.padding_constraints == {"size_divisibility": 64, "square_size": 128}
     # Box losses are L1 (detectron2 smooth_l1_beta = 0).
     assert model.rpn.smooth_l1_beta == 0 and model.roi_heads.smooth_l1_beta == 0
 
@@ -306,10 +285,10 @@ def test_box_regression_loss_is_l1_at_beta_zero():
 def test_aligned_roi_pool_matches_roi_align():
     from torchvision.ops import roi_align
 
-    pool = AlignedMultiScaleRoIAlign(["p2", "p3"], 7, 0, (4, 8))
+    pool = MultiLevelRoIAlign(["p2", "p3"], (4, 8), 7)
     feats = {"p2": torch.randn(1, 4, 32, 32), "p3": torch.randn(1, 4, 16, 16)}
     boxes = [torch.tensor([[0.0, 0, 20, 20], [0, 0, 120, 120]])]  # small -> p2, large -> p3
-    out = pool(feats, boxes, [(128, 128)])
+    out = pool(feats, boxes)
     rois = torch.cat([torch.zeros(2, 1), boxes[0]], 1)
     torch.testing.assert_close(out[0:1], roi_align(feats["p2"], rois[0:1], 7, 0.25, 0, aligned=True))
     torch.testing.assert_close(out[1:2], roi_align(feats["p3"], rois[1:2], 7, 0.125, 0, aligned=True))
@@ -334,10 +313,12 @@ def test_mask_rcnn_train_losses_backward_and_eval():
         out = model([imgs[0], imgs[1][:, :, :96]])
     assert len(out) == 2
     for o, (h, w) in zip(out, [(128, 128), (128, 96)]):
-        assert set(o) == {"boxes", "labels", "scores", "masks"}
+        # masks come as RoI probabilities; paste_masks_in_image maps them into any image
+        assert set(o) == {"boxes", "labels", "scores", "mask_probs"}
         n = o["boxes"].shape[0]
         assert o["boxes"].shape == (n, 4) and o["labels"].shape == (n,) and o["scores"].shape == (n,)
-        assert o["masks"].shape == (n, 1, h, w)
+        assert o["mask_probs"].shape == (n, 1, 28, 28)
+        assert n == 0 or (float(o["boxes"][:, 2].max()) <= w and float(o["boxes"][:, 3].max()) <= h)
         if n:
             assert o["labels"].min() >= 1 and o["labels"].max() <= 3
 
@@ -380,21 +361,21 @@ def test_freeze_blocks_freezes_exactly_first_k():
         tiny_vit(freeze_blocks=4)
 
 
-def test_get_vit_layer_id():
-    assert get_vit_layer_id("backbone.net.patch_embed.proj.weight", 12) == 0
-    assert get_vit_layer_id("backbone.net.pos_embed", 12) == 0
-    assert get_vit_layer_id("backbone.net.blocks.0.norm1.weight", 12) == 1
-    assert get_vit_layer_id("backbone.net.blocks.11.attn.rel_pos_h", 12) == 12
-    assert get_vit_layer_id("module.backbone.net.blocks.3.mlp.fc1.weight", 12) == 4
-    assert get_vit_layer_id("backbone.simfp_2.0.weight", 12) == 13
-    assert get_vit_layer_id("roi_heads.box_head.0.0.weight", 12) == 13
-    assert get_vit_layer_id("rpn.head.conv.0.0.weight", 12) == 13
-    assert get_vit_layer_id("blocks.2.attn.qkv.weight", 12, prefix="") == 3
+def test_layer_ids_for_lr_decay():
+    """The backbone's own rule, through the neck and the detector (detectron2's get_vit_lr_decay_rate)."""
+    model = tiny_mask_rcnn()  # depth 3
+    assert model.layer_id("backbone.net.patch_embed.proj.weight") == 0
+    assert model.layer_id("backbone.net.pos_embed") == 0
+    assert model.layer_id("backbone.net.blocks.0.norm1.weight") == 1
+    assert model.layer_id("backbone.net.blocks.2.attn.rel_pos_h") == 3
+    assert model.layer_id("backbone.simfp_2.0.weight") == 4
+    assert model.layer_id("roi_heads.box_head.0.0.weight") == 4
+    assert model.layer_id("rpn.head.conv.0.0.weight") == 4
+    assert model.backbone.net.layer_id("blocks.2.attn.qkv.weight") == 3
     # torch.compile(model.backbone.net) renames parameters to backbone.net._orig_mod.*
-    assert get_vit_layer_id("backbone.net._orig_mod.blocks.5.attn.qkv.weight", 12) == 6
-    assert get_vit_layer_id("backbone.net._orig_mod.pos_embed", 12) == 0
-    model = tiny_mask_rcnn()
-    ids = {n: get_vit_layer_id(n, 3) for n, _ in model.named_parameters()}
+    assert model.layer_id("backbone.net._orig_mod.blocks.1.attn.qkv.weight") == 2
+    assert model.layer_id("backbone.net._orig_mod.pos_embed") == 0
+    ids = {n: model.layer_id(n) for n, _ in model.named_parameters()}
     for n, i in ids.items():
         m = re.match(r"backbone\.net\.blocks\.(\d+)\.", n)
         if m:
@@ -446,7 +427,7 @@ def test_load_mae_encoder_resizes_pos_embed_and_reports(tmp_path, caplog):
     torch.save({"model": sd, "epoch": 3}, path)
     with caplog.at_level("INFO"):
         report = load_pretrained_backbone(vit, path)
-    assert isinstance(report, LoadReport)
+    assert isinstance(report, Report)
     msd = vit.state_dict()
     for k, v in sd.items():
         if k.startswith(("blocks.", "patch_embed.")):
@@ -454,10 +435,10 @@ def test_load_mae_encoder_resizes_pos_embed_and_reports(tmp_path, caplog):
             assert k in report.loaded_keys
     expected_pe = torch.cat([sd["pos_embed"][:, :1], resize_pos_embed_grid(sd["pos_embed"], 6, 1).reshape(1, 36, -1)], 1)
     torch.testing.assert_close(msd["pos_embed"], expected_pe)
-    assert report.resized["pos_embed"] == ((1, 17, 32), (1, 37, 32))
-    assert sorted(report.new_keys) == sorted(k for k in msd if "rel_pos" in k)
-    assert {"cls_token", "norm.weight", "mask_token", "decoder_embed.weight"} <= set(report.dropped_keys)
-    assert not report.unexpected_keys
+    assert report.changed["pos_embed"].startswith("(1, 17, 32) -> (1, 37, 32)")
+    assert sorted(report.missing) == sorted(k for k in msd if "rel_pos" in k)  # newly initialized
+    assert {"cls_token", "norm.weight", "mask_token", "decoder_embed.weight"} <= set(report.dropped)
+    assert not report.unexpected
     # One concise table, rel-pos keys grouped by pattern.
     text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("maedet"))
     assert "blocks.*.attn.rel_pos_h (x3)" in text and path in text
@@ -473,21 +454,21 @@ def test_load_timm_names_and_plain_dict():
     sd["fc_norm.weight"] = torch.ones(32)
     sd["head.weight"] = torch.zeros(10, 32)
     report = load_pretrained_backbone(vit, sd)
-    assert {"fc_norm.weight", "head.weight", "cls_token"} <= set(report.dropped_keys)
+    assert {"fc_norm.weight", "head.weight", "cls_token"} <= set(report.dropped)
     torch.testing.assert_close(vit.pos_embed.detach(), sd["pos_embed"])  # same grid: no resize
-    assert "pos_embed" not in report.resized
+    assert "pos_embed" not in report.changed
 
 
-def test_load_mae_module_if_available():
-    mae = pytest.importorskip("maedet.models.mae")
-    if not hasattr(mae, "mae_vit_tiny_patch16"):
-        pytest.skip("mae_vit_tiny_patch16 not available yet")
-    enc = mae.mae_vit_tiny_patch16()
+def test_load_encoder_of_the_mae_model():
+    from maedet.models.mae import MaskedAutoencoderViT
+
+    enc = MaskedAutoencoderViT(embed_dim=192, depth=4, num_heads=3, decoder_embed_dim=128, decoder_depth=2,
+                               decoder_num_heads=4)
     state = enc.encoder_state_dict()
-    vit = ViT(img_size=64, embed_dim=192, depth=4, num_heads=3, window_size=2, window_block_indexes=(0, 2))
+    vit = ViT(img_size=64, embed_dim=192, depth=4, num_heads=3, window_size=2, global_blocks=(1, 3))
     report = load_pretrained_backbone(vit, state)
     torch.testing.assert_close(vit.blocks[3].mlp.fc2.weight.detach(), state["blocks.3.mlp.fc2.weight"])
-    assert all("rel_pos" in k for k in report.new_keys)
+    assert all("rel_pos" in k for k in report.missing)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -536,18 +517,21 @@ def test_checkpoint_errors(tmp_path):
         assert torch.equal(v, before[k]), k
 
 
-def test_anchors_stay_float32_under_bf16_autocast():
-    """Anchors built under bf16 autocast equal the float32 ones (torchvision alone
-    would build them in bfloat16, several pixels off at 1024)."""
-    from torchvision.models.detection.image_list import ImageList
+def test_anchors_are_detectron2s_fractional_float32_anchors_under_bf16():
+    """detectron2's DefaultAnchorGenerator: fractional cell anchors (area size^2, h = ratio * w),
+    offset 0, (H, W, A) order; float32 whatever the autocast dtype of the features."""
+    from maedet.models.detectors.anchors import DefaultAnchorGenerator
 
-    from maedet.models.mask_rcnn import Float32AnchorGenerator
-
-    gen = Float32AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
-    images = ImageList(torch.zeros(1, 3, 1024, 1024), [(1024, 1024)])
+    gen = DefaultAnchorGenerator((32, 64, 128, 256, 512), (0.5, 1.0, 2.0), (4, 8, 16, 32, 64))
     sizes = [256, 128, 64, 32, 16]
-    ref = gen(images, [torch.zeros(1, 8, s, s) for s in sizes])[0]
-    low = gen(images, [torch.zeros(1, 8, s, s, dtype=torch.bfloat16) for s in sizes])[0]
-    again = gen(images, [torch.zeros(1, 8, s, s) for s in sizes])[0]
-    assert low.dtype == torch.float32 and torch.equal(low, ref) and torch.equal(again, ref)
-    assert ref[:, 2].max() > 1000  # far corners: where bfloat16 would round by pixels
+    ref = gen([torch.zeros(1, 8, s, s) for s in sizes])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = gen([torch.zeros(1, 8, s, s, dtype=torch.bfloat16) for s in sizes])
+    w = (32 ** 2 / 0.5) ** 0.5  # 45.2548..., not rounded
+    cell = torch.tensor([[-w / 2, -w / 4, w / 2, w / 4], [-16.0, -16, 16, 16], [-w / 4, -w / 2, w / 4, w / 2]])
+    torch.testing.assert_close(ref[0][:3], cell)
+    # anchor (y=1, x=2, a=1) of p2: the cell shifted by (8, 4) pixels
+    torch.testing.assert_close(ref[0][(1 * 256 + 2) * 3 + 1], cell[1] + torch.tensor([8.0, 4, 8, 4]))
+    for a, b in zip(ref, low):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+    assert ref[0][:, 2].max() > 1000  # far corners: where bfloat16 would round by pixels

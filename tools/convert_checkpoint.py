@@ -7,11 +7,17 @@ Usage:
 Formats:
   mae              official MAE pretrain release / maedet encoder_final.pth (in, out)
   maedet-pretrain  maedet pretraining training checkpoint, with decoder and optimizer (in)
-  timm             timm VisionTransformer state dict, e.g. vit_base_patch16_224.mae (in, out)
-  d2-vitdet        detectron2 ViTDet Mask R-CNN, .pth or model-zoo .pkl (by extension) (in, out)
+  timm             timm VisionTransformer state dict, .pth or .safetensors (in, out)
+  d2-vitdet        detectron2 ViTDet (Cascade) Mask R-CNN, .pth or model-zoo .pkl (by extension) (in, out)
   maedet-det       maedet detection checkpoint, model_final.pth (in, out)
 
 Supported: {mae, maedet-pretrain, timm} -> {mae, timm}; maedet-det <-> d2-vitdet.
+
+The architecture of a detectron2 checkpoint is not stored in it: give --config, the
+maedet config of the same model (its model section; e.g. configs/coco/mask_rcnn_vit_b_100ep.yaml
+or configs/coco/cascade_mask_rcnn_vit_b_100ep.yaml). A file converted from maedet carries
+its config and needs none. For encoders, --config (an MAE or detection config) checks
+every tensor against that architecture; without it the checkpoint's own shapes are used.
 
 Examples:
   # official MAE ViT-B -> timm state dict for 384x384 inputs
@@ -20,7 +26,7 @@ Examples:
   python tools/convert_checkpoint.py --from mae --to mae mae_pretrain_vit_huge.pth vit_h_p16.pth --patch-size 16
   # detectron2 model zoo ViTDet-B -> maedet, with COCO class names
   python tools/convert_checkpoint.py --from d2-vitdet --to maedet-det model_final_61ccd1.pkl vitdet_b.pth \\
-      --class-names coco --arch vit_base
+      --config configs/coco/mask_rcnn_vit_b_100ep.yaml --class-names coco
   # maedet detection -> detectron2 (.pkl numpy form; .pth for a torch file)
   python tools/convert_checkpoint.py --from maedet-det --to d2-vitdet output/det/model_final.pth d2_model.pkl
 
@@ -29,19 +35,12 @@ is written atomically, and only when the conversion succeeded. Exit code 0 on
 success; 2 with one "error: ..." line naming the file and key otherwise.
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from maedet.checkpoint.convert import (  # noqa: E402
-    FORMATS,
-    INPUT_FORMATS,
-    OUTPUT_FORMATS,
-    PATCH_RESIZE_METHODS,
-    convert_checkpoint,
-)
-from maedet.engine.launch import run_tool  # noqa: E402
+from maedet.builders.convert import conversion_options
+from maedet.checkpoint.convert import FORMATS, INPUT_FORMATS, OUTPUT_FORMATS, convert_checkpoint
+from maedet.checkpoint.formats.mae import PATCH_RESIZE_METHODS
+from maedet.checkpoint.io import load_checkpoint_file
+from maedet.engine.launch import run_tool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", dest="dst_format", required=True, choices=OUTPUT_FORMATS, help="output format")
     p.add_argument("input", metavar="IN", help="input checkpoint file")
     p.add_argument("output", metavar="OUT", help="output file (d2-vitdet: .pkl = numpy model-zoo form, else .pth)")
-    p.add_argument("--arch", default=None, metavar="NAME",
-                   help="expected architecture, checked key by key: vit_tiny|vit_base|vit_large|vit_huge, "
-                        "optionally _patchN (e.g. vit_huge_patch14); default: read off the checkpoint")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="maedet config of the architecture (detection: needed for a detectron2 input; "
+                        "encoders: every tensor is checked against it)")
     p.add_argument("--img-size", type=int, default=None, metavar="N",
                    help="encoder outputs: image side of the position table (grid N / patch); default: keep the grid")
     p.add_argument("--patch-size", type=int, default=None, metavar="P",
@@ -75,11 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    result = convert_checkpoint(
-        args.input, args.src_format, args.dst_format, args.output,
-        trust=args.trust, arch=args.arch, img_size=args.img_size, patch_size=args.patch_size,
-        patch_resize=args.patch_resize, class_names=args.class_names, allow_missing=args.allow_missing,
-    )
+    obj = load_checkpoint_file(args.input, map_location="cpu", weights_only=not args.trust)
+    options = conversion_options(obj, args.input, args.src_format, args.dst_format, args.config,
+                                 img_size=args.img_size, patch_size=args.patch_size, patch_resize=args.patch_resize,
+                                 class_names=args.class_names, allow_missing=args.allow_missing)
+    result = convert_checkpoint(obj, args.src_format, args.dst_format, args.output, options=options,
+                                source_name=args.input)
     print(result.report.table(), flush=True)
     print(f"wrote {args.output}", flush=True)
     return 0

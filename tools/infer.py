@@ -28,9 +28,13 @@ position in the list of inputs (after the largest id of --coco-json, if any).
 With --coco-json the file can be scored directly with pycocotools' COCO.loadRes.
 The file is written atomically once all images are done.
 
-An unreadable image is reported (one line naming it and why) and skipped. Exit
-code: 0 all images done, 1 some failed, 2 bad arguments / config / checkpoint or
-no input matched.
+An unreadable image, or one too large for the memory left, is reported (one line
+naming it and why) and skipped; the run goes on with the next file. Exit code: 0 all
+images done, 1 some failed, 2 bad arguments / config / checkpoint or no input matched.
+
+Images are read with their EXIF orientation applied (as viewers show them); masks
+are pasted only for the detections above --score-thresh, a few at a time, so memory
+stays flat in the photo's size (docs/RELIABILITY.md).
 
 Config overrides (KEY=VALUE, e.g. model.min_size=800) go before --input.
 """
@@ -40,11 +44,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from maedet.data.images import IMAGE_EXTENSIONS, read_coco_image_entries  # noqa: E402
-from maedet.engine.launch import check_writable_dir, run_tool  # noqa: E402
-from maedet.errors import ConfigError, DatasetError, MaedetError  # noqa: E402
+from maedet.data.images import IMAGE_EXTENSIONS, read_coco_image_entries
+from maedet.engine.launch import check_writable_dir, run_tool
+from maedet.utils.errors import ConfigError, DatasetError, MaedetError
 
 
 def _is_image_name(path: str) -> bool:
@@ -110,6 +112,11 @@ def _match_coco_id(path: str, ids) -> "int | None":
     return None
 
 
+def _is_out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
 def _unique_png_name(path: str, used) -> str:
     stem = os.path.splitext(os.path.basename(path))[0] or "image"
     name, k = f"{stem}.png", 0
@@ -146,6 +153,10 @@ def main(args) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0.0 <= args.score_thresh <= 1.0:
+        raise ConfigError(f"--score-thresh {args.score_thresh} is outside the allowed range [0, 1]")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise ConfigError(f"--alpha {args.alpha} is outside the allowed range [0, 1]")
     if not args.output and not args.json:
         raise ConfigError("nothing to write: give --output DIR and/or --json FILE")
     paths, unmatched = expand_inputs(args.input)
@@ -165,13 +176,14 @@ def main(args) -> int:
     if args.json:
         check_writable_dir(os.path.dirname(os.path.abspath(args.json)))
 
+    from maedet.builders import build_predictor
     from maedet.data.images import read_image_rgb
     from maedet.evaluation.coco import instances_to_coco_json
-    from maedet.fileio import atomic_write_text
-    from maedet.inference import Predictor, draw_instances, save_visualization
+    from maedet.inference import draw_instances, save_visualization
+    from maedet.utils.fileio import atomic_write_text
 
-    predictor = Predictor(args.config, args.weights, device=args.device, amp=args.amp,
-                          score_thresh=args.score_thresh, overrides=args.opts)
+    predictor = build_predictor(args.config, args.weights, device=args.device, amp=args.amp,
+                                score_thresh=args.score_thresh, overrides=args.opts)
     records, failed, used_names = [], [], set()
     unknown_ids = 0
 
@@ -192,23 +204,35 @@ def main(args) -> int:
         failed.append(path)
         bar.write(f"failed: {msg}", file=sys.stderr)
 
+    def run(batch):
+        """The predictions of a batch, or None (each image reported) when it does not fit in memory."""
+        try:
+            return predictor([img for _, _, img in batch], return_rle=True)
+        except (MemoryError, RuntimeError) as e:
+            if not _is_out_of_memory(e):
+                raise
+            for _, path, img in batch:
+                h, w = img.shape[:2]
+                report(path, MaedetError(f"{path}: out of memory for a {w}x{h} image; skipped"))
+            return None
+
     def flush(batch) -> None:
         if not batch:
             return
-        outs = predictor([img for _, _, img in batch])
-        for (index, path, img), out in zip(batch, outs):
+        outs = run(batch)
+        for (index, path, img), out in zip(batch, outs or []):
             try:
                 if args.json:
                     recs = instances_to_coco_json(
-                        image_id_for(index, path), out["boxes"], out["scores"], out["labels"], out.get("masks"),
-                        label_to_cat_id=predictor.label_to_cat_id,
+                        image_id_for(index, path), out["boxes"], out["scores"], out["labels"],
+                        label_to_cat_id=predictor.label_to_cat_id, rles=out.get("masks_rle"),
                     )
                     for r in recs:
                         r["file_name"] = path
                     records.extend(recs)
                 if args.output:
                     vis = draw_instances(img, out["boxes"], out["scores"], out["labels"], predictor.class_names,
-                                         masks=out.get("masks"), alpha=args.alpha)
+                                         masks=out.get("masks_rle"), alpha=args.alpha)
                     save_visualization(os.path.join(args.output, _unique_png_name(path, used_names)), vis)
             except MaedetError as e:
                 report(path, e)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train or evaluate a ViTDet Mask R-CNN on COCO or any COCO-format dataset.
+"""Train or evaluate a ViTDet (Cascade) Mask R-CNN on COCO or any COCO-format dataset.
 
 Examples:
   python tools/train_net.py --config configs/quickstart/mask_rcnn_vit_tiny.yaml
@@ -14,28 +14,19 @@ Batch rule: train.total_batch_size is the global batch, split over the processes
 a recipe is unchanged by the number of GPUs; with train.total_batch_size=0,
 train.batch_size is per process and solver.lr (if unset) scales with the total batch.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from maedet.config import DetectionConfig, load_config  # noqa: E402
-from maedet.engine import distributed as du  # noqa: E402
-from maedet.engine.launch import default_argument_parser, launch, setup_run  # noqa: E402
+from maedet.builders import load_detection_config, run_detection_training, run_evaluation
+from maedet.engine.launch import default_argument_parser, launch, setup_run
+from maedet.utils import distributed as du
 
 
 def main(args) -> int:
-    overrides = list(args.opts)
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    cfg = load_config(args.config, overrides, DetectionConfig)
+    overrides = list(args.opts) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    cfg = load_detection_config(args.config, overrides, splits=("test",) if args.eval_only else ("train", "test"))
     device = setup_run(cfg, args.config, cfg.train.device, cfg.train.seed, cfg.train.threads)
-    from maedet.engine.detection import run_evaluation, run_training
-
     if args.eval_only:
         run_evaluation(cfg, device)
     else:
-        run_training(cfg, device, resume=args.resume)
+        run_detection_training(cfg, device, resume=args.resume)
     du.destroy_distributed()
     return 0
 
@@ -43,8 +34,6 @@ def main(args) -> int:
 def parse_args(argv=None):
     p = default_argument_parser(__doc__)
     p.add_argument("--eval-only", action="store_true", help="evaluate model.weights on data.test and exit")
-    p.add_argument("--num-gpus", type=int, default=1, metavar="N",
-                   help="start N local processes (one per GPU; gloo processes on a CPU machine)")
     return p.parse_intermixed_args(argv)
 
 

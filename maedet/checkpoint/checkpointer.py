@@ -8,8 +8,8 @@ import re
 from typing import Any, Dict, Optional
 
 from maedet.checkpoint.io import atomic_save, load_checkpoint_file
-from maedet.errors import CheckpointError
-from maedet.fileio import atomic_write_text
+from maedet.utils.errors import CheckpointError
+from maedet.utils.fileio import atomic_write_text
 
 __all__ = ["Checkpointer"]
 

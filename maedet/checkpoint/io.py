@@ -3,7 +3,7 @@
 ``atomic_save`` writes to a temporary file in the target directory, fsyncs it and
 renames it over the target, so a reader (or a crash) never sees a half-written
 file. ``load_checkpoint_file`` turns every way a file can be wrong into one
-:class:`~maedet.errors.CheckpointError` naming the file.
+:class:`~maedet.utils.errors.CheckpointError` naming the file.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 import torch
 
-from maedet.errors import CheckpointError
-from maedet.fileio import atomic_write
+from maedet.utils.errors import CheckpointError
+from maedet.utils.fileio import atomic_write
 
 __all__ = ["atomic_write", "atomic_save", "load_checkpoint_file"]
 
@@ -28,14 +28,15 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def load_checkpoint_file(path: str, map_location: Any = "cpu", weights_only: Optional[bool] = True) -> Any:
-    """Load a ``torch.save`` file (or a detectron2 ``.pkl``) with clear errors.
+    """Load a ``torch.save`` file, a detectron2 ``.pkl`` or a ``.safetensors`` file with clear errors.
 
     Args:
         path: file to read.
         map_location: as for ``torch.load``.
-        weights_only: load with PyTorch's safe unpickler (default). Files that
-            need arbitrary unpickling are refused with a message saying so; pass
-            ``False`` only for files from a trusted source.
+        weights_only: load with PyTorch's safe unpickler (default; for ``.pkl``, an
+            unpickler that accepts numpy arrays and plain containers only). Files
+            that need arbitrary unpickling are refused with a message saying so
+            (and naming ``--trust``); pass ``False`` only for files from a trusted source.
     Raises:
         CheckpointError: missing, empty, truncated, not a checkpoint, or unsafe.
     """
@@ -43,6 +44,14 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu", weights_only: Opt
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"cannot read safetensors checkpoint {path}: {first}") from e
     if path.endswith(".pkl"):
         try:
             with open(path, "rb") as f:
@@ -50,7 +59,14 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu", weights_only: Opt
                     return _RestrictedNumpyUnpickler(f).load()
                 return pickle.load(f, encoding="latin1")
         except Exception as e:  # garbage input raises many types
-            raise CheckpointError(f"cannot read pickle checkpoint {path}: {e}") from e
+            msg = " ".join(str(e).split())
+            if "refusing to unpickle" in msg:
+                what = msg.split("refusing to unpickle", 1)[1].split(":")[0].strip()
+                raise CheckpointError(
+                    f"checkpoint {path} holds Python objects that the safe loader refuses (it pickles {what}); "
+                    "if you trust its source, rerun with --trust (library: weights_only=False), which "
+                    "unpickles it and can run arbitrary code") from e
+            raise CheckpointError(f"cannot read pickle checkpoint {path}: {msg}") from e
     try:
         return torch.load(path, map_location=map_location, weights_only=bool(weights_only))
     except pickle.UnpicklingError as e:

@@ -8,9 +8,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "build_pretrain_loader": "maedet.data.build",
-    "build_detection_train_loader": "maedet.data.build",
-    "build_detection_test_loader": "maedet.data.build",
+    "build_pretrain_loader": "maedet.data.loaders",
+    "build_detection_train_loader": "maedet.data.loaders",
+    "build_detection_test_loader": "maedet.data.loaders",
     "DatasetCatalog": "maedet.data.catalog",
     "CocoInstanceDataset": "maedet.data.coco",
     "load_coco_json": "maedet.data.coco",
@@ -25,10 +25,9 @@ _EXPORTS = {
     "IMAGENET_STD": "maedet.data.transforms",
     "BoxesFromMasks": "maedet.data.transforms",
     "ResizeShortestEdge": "maedet.data.transforms",
-    "ToModelInput": "maedet.data.transforms",
-    "build_lsj_train_transform": "maedet.data.transforms",
     "build_mae_transform": "maedet.data.transforms",
-    "build_test_transform": "maedet.data.transforms",
+    "lsj": "maedet.data.transforms",
+    "resize_shortest_edge": "maedet.data.transforms",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,7 +14,7 @@ Register your own data with ``DatasetCatalog.register(name, json_file, image_roo
 import os
 from typing import Callable, Dict, List, Tuple, Union
 
-from maedet.errors import DatasetError
+from maedet.utils.errors import DatasetError
 
 __all__ = ["DatasetCatalog", "datasets_root", "test_data_root"]
 

@@ -1,7 +1,7 @@
 """COCO-format instance segmentation dataset with strict validation of the json.
 
 The json is checked once, at construction, so that a training run never starts on
-a dataset it cannot read: every problem gives one :class:`~maedet.errors.DatasetError`
+a dataset it cannot read: every problem gives one :class:`~maedet.utils.errors.DatasetError`
 naming the file and the offending image/annotation id.
 """
 import contextlib
@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import numpy as np
 import torch
@@ -18,8 +18,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
-from maedet.errors import DatasetError
 from maedet.data.images import read_image_rgb
+from maedet.utils.errors import DatasetError
 
 __all__ = ["load_coco_json", "CocoInstanceDataset"]
 
@@ -90,7 +90,7 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
     """Read and validate a COCO instances json.
 
     Checks: valid JSON object; lists ``images``, ``annotations``, ``categories``;
-    unique image, category and annotation ids; every annotation refers to a known
+    unique image, category and annotation ids and image file names; every annotation refers to a known
     image and category, has a ``bbox`` with width and height > 0 and a usable
     segmentation (polygons with >= 3 points, or an RLE of the image's size).
     Missing ``info``/``licenses`` are filled with empty values, a missing ``iscrowd``
@@ -99,8 +99,10 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
 
     Args:
         json_file: path of the json.
-        strict: if True, a zero-area box or degenerate segmentation raises; if False
-            such annotations are dropped with one warning giving their number.
+        strict: if True, a zero-area box, a box entirely outside its image, a
+            degenerate segmentation or two images with the same ``file_name`` raise
+            (naming the ids); if False such annotations (and the later of two
+            same-named images) are dropped with one warning giving their number.
         dataset_name: name used in messages.
 
     Returns:
@@ -120,14 +122,30 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
             raise DatasetError(f"{where}: '{key}' must be a list, got {type(data[key]).__name__}")
 
     images: Dict[int, dict] = {}
+    dropped: List[str] = []
+    dropped_images = set()
+    by_name: Dict[str, int] = {}
+    seen_ids = set()
     for k, img in enumerate(data["images"]):
-        iid = _entry_id(where, "images", k, img, images, "image")
+        iid = _entry_id(where, "images", k, img, seen_ids, "image")
+        seen_ids.add(iid)
         if not isinstance(img.get("file_name"), str) or not img["file_name"]:
             raise DatasetError(f"{where}: image id {iid} has no 'file_name'")
         for key in ("height", "width"):
             if not _is_int(img.get(key)) or img[key] <= 0:
                 raise DatasetError(f"{where}: image id {iid} has no positive integer '{key}'")
+        name = os.path.normpath(img["file_name"])
+        if name in by_name:
+            problem = f"image ids {by_name[name]} and {iid} have the same file_name {img['file_name']!r}"
+            if strict:
+                raise DatasetError(f"{where}: {problem}; strict=False (config: data.train.strict / "
+                                   "data.test.strict) drops the later image and its annotations with a warning")
+            dropped.append(problem + f" (image id {iid} dropped)")
+            dropped_images.add(iid)
+            continue
+        by_name[name] = iid
         images[iid] = img
+    data["images"] = [img for img in data["images"] if img["id"] not in dropped_images]
 
     cat_ids = set()
     for k, cat in enumerate(data["categories"]):
@@ -139,11 +157,12 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
         raise DatasetError(f"{where}: 'categories' is empty (expected at least one category)")
 
     ann_ids = set()
-    dropped: List[str] = []
     kept = []
     for k, ann in enumerate(data["annotations"]):
         aid = _entry_id(where, "annotations", k, ann, ann_ids, "annotation")
         ann_ids.add(aid)
+        if ann.get("image_id") in dropped_images:
+            continue
         img = images.get(ann.get("image_id"))
         if img is None:
             raise DatasetError(
@@ -163,6 +182,9 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
         problem = None
         if bbox[2] <= 0 or bbox[3] <= 0:
             problem = f"a bbox with non-positive width or height {bbox} (expected width and height > 0)"
+        elif bbox[0] >= img["width"] or bbox[1] >= img["height"] or bbox[0] + bbox[2] <= 0 or bbox[1] + bbox[3] <= 0:
+            problem = (f"a bbox {bbox} entirely outside its image ({img['width']}x{img['height']}, "
+                       "width x height)")
         elif "segmentation" not in ann:
             raise DatasetError(f"{where}: annotation id {aid} has no 'segmentation' (expected polygons or RLE)")
         else:
@@ -176,7 +198,11 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
             continue
         kept.append(ann)
     if dropped:
-        msg = f"{where}: dropped {len(dropped)} invalid annotation(s); first: {dropped[0]}"
+        n_img = len(dropped_images)
+        what = f"{len(dropped) - n_img} invalid annotation(s)"
+        if n_img:
+            what = f"{n_img} image(s) with a duplicate file_name and " + what
+        msg = f"{where}: dropped {what}; first: {dropped[0]}"
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         logger.warning(msg)
         data["annotations"] = kept
@@ -215,11 +241,13 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         json_file: COCO instances json (polygons, compressed or uncompressed RLE).
         image_root: folder that ``images[*].file_name`` are relative to.
         transforms: callable ``(image, target) -> (image, target)`` applied last,
-            e.g. :func:`maedet.data.transforms.build_lsj_train_transform`.
+            e.g. :func:`maedet.data.transforms.lsj`.
         filter_empty: training mode: skip images without any non-crowd instance.
             Use False for evaluation (every image is kept).
         dataset_name: name used in error messages.
         strict: see :func:`load_coco_json`.
+        load_targets: decode boxes, labels and masks (training); False (evaluation)
+            gives targets with ``image_id`` and ``orig_size`` only.
 
     ``dataset[i]`` returns ``(image, target)`` (before ``transforms``):
 
@@ -243,11 +271,13 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         filter_empty: bool = True,
         dataset_name: Optional[str] = None,
         strict: bool = True,
+        load_targets: bool = True,
     ):
         self.json_file = json_file
         self.image_root = image_root
         self.transforms = transforms
         self.filter_empty = filter_empty
+        self.load_targets = load_targets
         self.dataset_name = dataset_name
         where = json_file if dataset_name is None else f"{json_file} (dataset {dataset_name})"
         self._where = where
@@ -278,6 +308,12 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             raise DatasetError(
                 f"{len(missing)} of {len(image_ids)} images listed in {where} are missing; first: {missing[0]}"
             )
+
+    def remove_images(self, image_ids: Set[int]) -> None:
+        """Leave these images out (e.g. files found unreadable before training)."""
+        self.image_ids = [i for i in self.image_ids if i not in image_ids]
+        if not self.image_ids:
+            raise DatasetError(f"{self._where}: no usable image left after leaving out {len(image_ids)} bad ones")
 
     @property
     def num_classes(self) -> int:
@@ -337,7 +373,10 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
                 f" says {info['width']}x{info['height']} for image id {iid}"
             )
         image = tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1).contiguous())
-        target = self.load_target(index, height, width)
+        if not self.load_targets:
+            target = {"image_id": int(iid), "orig_size": (int(height), int(width))}
+        else:
+            target = self.load_target(index, height, width)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target

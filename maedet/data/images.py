@@ -3,7 +3,7 @@
 :func:`read_image_rgb` is the one place where image files are decoded; both the
 unlabeled :class:`ImageFolderDataset` and the COCO instance dataset use it, so a
 corrupt, truncated or non-image file always gives the same clear
-:class:`~maedet.errors.DatasetError` naming the file.
+:class:`~maedet.utils.errors.DatasetError` naming the file.
 """
 import json
 import os
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torchvision import tv_tensors
 
-from maedet.errors import DatasetError
+from maedet.utils.errors import DatasetError
 
-__all__ = ["IMAGE_EXTENSIONS", "read_image_rgb", "find_images", "ImageFolderDataset"]
+__all__ = ["IMAGE_EXTENSIONS", "check_complete", "read_image_rgb", "find_images", "ImageFolderDataset"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -25,7 +25,7 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _check_complete(data: bytes, path: str) -> None:
+def check_complete(data: bytes, path: str) -> None:
     """Raise if ``data`` is a JPEG or PNG stream that was cut short.
 
     Depending on the build, OpenCV may decode a truncated JPEG or PNG partially
@@ -52,8 +52,11 @@ def read_image_rgb(path: str) -> np.ndarray:
     """Read an image file as an RGB array.
 
     Grayscale, CMYK, 16-bit and alpha images are converted to 8-bit, 3-channel
-    RGB. The raw pixel grid is returned (EXIF orientation is not applied) so the
-    size matches the ``height``/``width`` recorded in COCO annotation files.
+    RGB. The EXIF orientation of camera photos is applied, as image viewers,
+    COCO annotation tools and detectron2 apply it, so pixels and annotations
+    agree (a photo tagged "rotated 90 degrees" comes out upright, its width and
+    height swapped). This is the one place images are decoded: pretraining,
+    training, evaluation and inference all see the same pixels.
 
     Args:
         path: image file (any format OpenCV decodes: JPEG, PNG, WebP, BMP, ...).
@@ -76,9 +79,9 @@ def read_image_rgb(path: str) -> np.ndarray:
         raise DatasetError(f"cannot read image: {path} ({e.strerror or e})") from None
     if len(data) == 0:
         raise DatasetError(f"corrupt image: {path} (empty file, 0 bytes)")
-    _check_complete(data, path)
+    check_complete(data, path)
     buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # applies the EXIF orientation
     if img is None or img.ndim != 3 or img.shape[2] != 3 or img.shape[0] == 0 or img.shape[1] == 0:
         raise DatasetError(f"corrupt image: {path} (not a decodable image file)")
     return np.ascontiguousarray(img[:, :, ::-1])

@@ -1,48 +1,15 @@
-"""Run logs: console/file logger, JSON-lines metrics and tensorboard events (rank 0 only)."""
+"""Metric logs: JSON lines and tensorboard events (rank 0 only)."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
-import sys
-from typing import Dict, Optional
+from typing import Dict
 
-from maedet.engine.distributed import get_rank
-from maedet.errors import TrainingError
-from maedet.fileio import atomic_write_text
+from maedet.utils.errors import TrainingError
+from maedet.utils.fileio import atomic_write_text
 
-__all__ = ["setup_logger", "MetricsWriter", "format_seconds"]
-
-LOGGER_NAME = "maedet"
-
-
-def setup_logger(output_dir: Optional[str] = None, rank: Optional[int] = None, name: str = LOGGER_NAME) -> logging.Logger:
-    """Console logging on rank 0 (warnings only elsewhere) and ``log.txt`` in ``output_dir``."""
-    rank = get_rank() if rank is None else rank
-    logger = logging.getLogger(name)
-    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    logger.propagate = False
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-        h.close()
-    fmt = logging.Formatter("[%(asctime)s %(name)s] %(message)s", datefmt="%m/%d %H:%M:%S")
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(fmt)
-    logger.addHandler(console)
-    if output_dir and rank == 0:
-        os.makedirs(output_dir, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(output_dir, "log.txt"), mode="a")
-        fh.setFormatter(fmt)
-        logger.addHandler(fh)
-    return logger
-
-
-def format_seconds(s: float) -> str:
-    s = int(max(0, s))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}:{m:02d}:{sec:02d}"
+__all__ = ["MetricsWriter"]
 
 
 class MetricsWriter:

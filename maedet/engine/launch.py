@@ -16,13 +16,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from maedet.config.loader import save_config
-from maedet.engine import distributed as du
-from maedet.engine.events import setup_logger
-from maedet.engine.schedule import LRSchedule
-from maedet.errors import ConfigError, MaedetError
+from maedet.utils import distributed as du
+from maedet.utils.errors import ConfigError, MaedetError
+from maedet.utils.logger import log_to_files, setup_logger
 
-__all__ = ["default_argument_parser", "run_tool", "setup_run", "launch", "check_writable_dir", "derive_schedule",
-           "build_lr_schedule"]
+__all__ = ["default_argument_parser", "run_tool", "setup_run", "launch", "check_writable_dir", "error_line"]
 
 logger = logging.getLogger("maedet")
 
@@ -33,6 +31,8 @@ def default_argument_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, metavar="DIR", help="output directory (overrides output_dir)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in the output directory (its last_checkpoint file)")
+    p.add_argument("--num-gpus", type=int, default=1, metavar="N",
+                   help="start N local processes (one per GPU; gloo processes on a CPU machine)")
     p.add_argument("opts", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. train.batch_size=8 solver.lr=1e-4")
     return p
@@ -44,12 +44,17 @@ def run_tool(main: Callable[[], Any]) -> None:
         rc = main()
     except MaedetError as e:
         rank = f"[rank {du.get_rank()}] " if du.get_world_size() > 1 else ""
-        print(f"error: {rank}{error_line(e)}", file=sys.stderr, flush=True)
+        line = f"error: {rank}{error_line(e)}"
+        print(line, file=sys.stderr, flush=True)
+        log_to_files(line)  # also into log.txt, where a user looks after a cluster job died
         du.destroy_distributed()
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception:  # a bug: keep the traceback on stderr, and put it in log.txt too
+        log_to_files("fatal error:\n" + traceback.format_exc().rstrip())
+        raise
     sys.exit(int(rc or 0))
 
 
@@ -78,7 +83,8 @@ def check_writable_dir(path: str) -> None:
 def setup_run(cfg, config_path: str, device_name: str, seed: int, threads: int = 0) -> torch.device:
     """Join the process group, prepare the output dir, logs and seeds.
 
-    Writes the resolved config to ``output_dir/config.yaml`` (rank 0).
+    Writes the resolved config ``cfg`` (its ``output_dir`` is used) to
+    ``output_dir/config.yaml`` (rank 0).
     """
     device = du.init_distributed(device_name)
     if du.is_main_process():
@@ -99,44 +105,6 @@ def setup_run(cfg, config_path: str, device_name: str, seed: int, threads: int =
     random.seed(seed + du.get_rank())
     np.random.seed((seed + du.get_rank()) % (2**32))
     return device
-
-
-def derive_schedule(solver, dataset_len: int, samples_per_iter: int):
-    """Peak lr, max_iter and warm-up iterations from a :class:`SolverConfig`.
-
-    Epoch lengths use ``dataset_len // samples_per_iter`` iterations (at least 1).
-    """
-    if solver.lr is not None:
-        lr = float(solver.lr)
-    elif solver.base_batch_size > 0:
-        lr = solver.base_lr * samples_per_iter / solver.base_batch_size
-    else:
-        lr = solver.base_lr
-    iters_per_epoch = max(1, dataset_len // samples_per_iter)
-    if solver.max_iter > 0:
-        max_iter = solver.max_iter
-    elif solver.epochs > 0:
-        max_iter = max(1, int(round(solver.epochs * iters_per_epoch)))
-    else:
-        raise ConfigError("set solver.max_iter or solver.epochs to a positive number")
-    warmup = solver.warmup_iters if solver.warmup_iters > 0 else int(round(solver.warmup_epochs * iters_per_epoch))
-    return lr, max_iter, min(warmup, max_iter)
-
-
-def build_lr_schedule(solver, max_iter: int, warmup: int) -> LRSchedule:
-    """The lr schedule of a :class:`SolverConfig`, with its values checked up front."""
-    if solver.schedule not in ("cosine", "multistep", "constant"):
-        raise ConfigError(f"solver.schedule must be cosine, multistep or constant, got '{solver.schedule}'")
-    if solver.schedule == "multistep":
-        bad = [int(x) for x in solver.steps if not 0 < int(x) < max_iter]
-        if bad:
-            raise ConfigError(f"solver.steps {list(solver.steps)}: steps {bad} are outside (0, max_iter={max_iter})")
-    if solver.optimizer.lower() not in ("adamw", "sgd"):
-        raise ConfigError(f"solver.optimizer must be adamw or sgd, got '{solver.optimizer}'")
-    if solver.fused not in ("auto", "on", "off"):
-        raise ConfigError(f"solver.fused must be auto, on or off, got '{solver.fused}'")
-    return LRSchedule(solver.schedule, max_iter, warmup, solver.warmup_factor, solver.min_lr_ratio,
-                      solver.steps, solver.gamma)
 
 
 def _find_free_port() -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 import math
 import random
 import signal
@@ -30,21 +31,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from maedet.checkpoint.checkpointer import Checkpointer
-from maedet.engine import distributed as du
-from maedet.engine.amp import amp_dtype, autocast, resolve_amp
-from maedet.engine.events import MetricsWriter, format_seconds
+from maedet.engine.ddp import check_grad_compression, wrap_ddp
+from maedet.engine.events import MetricsWriter
 from maedet.engine.schedule import LRSchedule
-from maedet.errors import ConfigError, TrainingError
+from maedet.engine.steps import unwrap_model
+from maedet.utils import distributed as du
+from maedet.utils.amp import amp_dtype, autocast, resolve_amp
+from maedet.utils.errors import ConfigError, TrainingError
+from maedet.utils.logger import format_seconds
 
-__all__ = ["Trainer", "HookBase", "get_rng_state", "set_rng_state", "unwrap_model"]
+__all__ = ["Trainer", "DDPOptions", "HookBase", "get_rng_state", "set_rng_state", "unwrap_model"]
 
 logger = logging.getLogger("maedet")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    while isinstance(model, DistributedDataParallel) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(model, DistributedDataParallel) else model._orig_mod
-    return model
 
 
 def get_rng_state() -> Dict[str, Any]:
@@ -104,6 +102,21 @@ class _AMP:
         return autocast(self.device, self.dtype)
 
 
+@dataclass
+class DDPOptions:
+    """How the model is wrapped in ``DistributedDataParallel`` when there are several processes.
+
+    Attributes:
+        grad_compression: ``none`` | ``bf16`` | ``fp16`` communication hook.
+        bucket_view: DDP ``gradient_as_bucket_view`` (see :func:`maedet.engine.ddp.wrap_ddp`).
+        find_unused_parameters: DDP's flag of that name.
+    """
+
+    grad_compression: str = "none"
+    bucket_view: bool = True
+    find_unused_parameters: bool = False
+
+
 class Trainer:
     """Runs ``max_iter`` iterations of ``loss_fn`` over batches from ``loader_fn``.
 
@@ -116,13 +129,13 @@ class Trainer:
             rank, starting at global sample position ``start_sample``.
         loss_fn: ``loss_fn(model, batch, device) -> dict of scalar losses``.
         schedule: lr multiplier per iteration.
-        peak_lr: lr at multiplier 1 (before each group's ``lr_scale``).
+        lr: peak lr (the lr at multiplier 1, before each group's ``lr_scale``).
         max_iter: number of optimizer steps.
         samples_per_iter: global samples consumed per iteration
             (batch per process x processes x accumulation steps).
         output_dir: where logs and checkpoints go.
         device: compute device.
-        amp: ``auto`` | ``off`` | ``bf16`` | ``fp16`` (see :mod:`maedet.engine.amp`).
+        amp: ``auto`` | ``off`` | ``bf16`` | ``fp16`` (see :mod:`maedet.utils.amp`).
         accum_steps: micro-batches per optimizer step.
         clip_grad_norm: max global grad norm (0 = no clipping).
         checkpoint_period: save every N iterations (0 = only at the end / on SIGTERM).
@@ -130,11 +143,8 @@ class Trainer:
         max_to_keep: periodic checkpoints kept on disk.
         nonfinite: ``stop`` raises on a NaN/inf loss naming the iteration and
             term; ``skip`` drops that step and counts it.
-        hooks: :class:`HookBase` objects.
-        extra_state: extra picklable-by-weights entries stored in checkpoints.
-        ddp_kwargs: passed to ``DistributedDataParallel``.
-        ddp_grad_compression: ``none`` | ``bf16`` | ``fp16`` communication hook.
-        ddp_bucket_view: DDP ``gradient_as_bucket_view`` (see :func:`maedet.engine.distributed.wrap_ddp`).
+        hooks: :class:`HookBase` objects, called in order.
+        ddp: see :class:`DDPOptions`.
     """
 
     def __init__(
@@ -144,7 +154,8 @@ class Trainer:
         loader_fn: Callable[[int], Iterable],
         loss_fn: Callable[[nn.Module, Any, torch.device], Dict[str, torch.Tensor]],
         schedule: LRSchedule,
-        peak_lr: float,
+        *,
+        lr: float,
         max_iter: int,
         samples_per_iter: int,
         output_dir: str,
@@ -157,26 +168,24 @@ class Trainer:
         max_to_keep: int = 2,
         nonfinite: str = "stop",
         hooks: Sequence[HookBase] = (),
-        extra_state: Optional[Dict[str, Any]] = None,
-        ddp_kwargs: Optional[Dict[str, Any]] = None,
-        ddp_grad_compression: str = "none",
-        ddp_bucket_view: bool = True,
-        images_per_sample: int = 1,
+        ddp: Optional[DDPOptions] = None,
     ):
         if nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite must be stop or skip, got '{nonfinite}'")
-        du.check_grad_compression(ddp_grad_compression)
+        ddp = ddp or DDPOptions()
+        check_grad_compression(ddp.grad_compression)
         self.device = device
         self.model = model
         if du.get_world_size() > 1:
-            self.model = du.wrap_ddp(model, device, ddp_grad_compression, ddp_bucket_view, **(ddp_kwargs or {}))
-            if ddp_grad_compression != "none":
-                logger.info(f"DDP gradients all-reduced in {ddp_grad_compression} (train.ddp_grad_compression)")
+            self.model = wrap_ddp(model, device, ddp.grad_compression, ddp.bucket_view,
+                                  find_unused_parameters=ddp.find_unused_parameters)
+            if ddp.grad_compression != "none":
+                logger.info(f"DDP gradients all-reduced in {ddp.grad_compression} (train.ddp_grad_compression)")
         self.optimizer = optimizer
         self.loader_fn = loader_fn
         self.loss_fn = loss_fn
         self.schedule = schedule
-        self.peak_lr = peak_lr
+        self.peak_lr = lr
         self.max_iter = max_iter
         self.samples_per_iter = samples_per_iter
         self.output_dir = output_dir
@@ -187,8 +196,6 @@ class Trainer:
         self.log_period = max(1, log_period)
         self.nonfinite = nonfinite
         self.hooks = list(hooks)
-        self.extra_state = extra_state or {}
-        self.images_per_sample = images_per_sample
         self.checkpointer = Checkpointer(output_dir, max_to_keep, save_enabled=du.is_main_process())
         self.iter = 0
         self.samples_seen = 0
@@ -196,6 +203,7 @@ class Trainer:
         self.last_losses: Dict[str, float] = {}
         self._stop_signal: Optional[int] = None
         self.metrics: Optional[MetricsWriter] = None
+        self.last_optimizer_ms = 0.0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -210,7 +218,6 @@ class Trainer:
             "world_size": du.get_world_size(),
             "rng": rng,
             "hooks": [h.state_dict() for h in self.hooks],
-            **self.extra_state,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -307,61 +314,81 @@ class Trainer:
             bar.close()
         self.save_checkpoint()
 
-    def _run_iterations(self, data_iter, bar, start_iter: int, t_start: float) -> None:
+    def train_step(self, next_batch: Callable[[], Any]) -> Dict[str, float]:
+        """One optimizer iteration at the current lr: ``accum_steps`` micro-batches from
+        ``next_batch()`` (forward under autocast, backward), non-finite losses handled as
+        ``nonfinite`` says, gradient clipping, the optimizer step. Returns the mean loss
+        terms; :attr:`last_optimizer_ms` is the optimizer step's own time."""
         model = self.model
+        losses_sum: Dict[str, float] = {}
+        bad_term: Optional[str] = None
+        for micro in range(self.accum_steps):
+            batch = next_batch()
+            if bad_term is not None:
+                continue  # keep the data position; this step is dropped
+            sync = micro == self.accum_steps - 1 or not isinstance(model, DistributedDataParallel)
+            ctx = contextlib.nullcontext() if sync else model.no_sync()
+            with ctx:
+                with self.amp.autocast():
+                    loss_dict = self.loss_fn(model, batch, self.device)
+                total = sum(loss_dict.values())
+                values = {k: float(v.detach()) for k, v in loss_dict.items()}
+                nonfinite = [k for k, v in values.items() if not math.isfinite(v)]
+                if not math.isfinite(float(total.detach())) and not nonfinite:
+                    nonfinite = ["total"]
+                flag = self._agree([1.0 if nonfinite else 0.0])[0]
+                if flag:
+                    bad_term = (
+                        ", ".join(f"{k}={values.get(k, float(total.detach()))}" for k in nonfinite)
+                        or "a loss term on another process"
+                    )
+                    # log what was seen (a skipped step shows its nan/inf, not 0)
+                    for k, v in values.items():
+                        losses_sum[k] = losses_sum.get(k, 0.0) + v / self.accum_steps
+                    continue
+                self.amp.scaler.scale(total / self.accum_steps).backward()
+            for k, v in values.items():
+                losses_sum[k] = losses_sum.get(k, 0.0) + v / self.accum_steps
+        if bad_term is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.nonfinite == "stop":
+                raise TrainingError(
+                    f"non-finite loss at iteration {self.iter}: {bad_term} "
+                    "(set train.nonfinite=skip to drop such steps instead)"
+                )
+            self.skipped_steps += 1
+            logger.warning(f"iteration {self.iter}: non-finite loss ({bad_term}); step skipped "
+                           f"({self.skipped_steps} so far)")
+            return losses_sum
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        if self.clip_grad_norm > 0:
+            self.amp.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        self.amp.scaler.step(self.optimizer)
+        self.amp.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.last_optimizer_ms = 1000 * (time.perf_counter() - t0)
+        return losses_sum
+
+    def _run_iterations(self, data_iter, bar, start_iter: int, t_start: float) -> None:
         window_start, window_iters, data_time = t_start, 0, 0.0
+
+        def next_batch():
+            nonlocal data_time
+            t0 = time.perf_counter()
+            batch = next(data_iter)
+            data_time += time.perf_counter() - t0
+            return batch
+
         while self.iter < self.max_iter:
             lr = self._set_lr(self.iter)
-            losses_sum: Dict[str, float] = {}
-            bad_term: Optional[str] = None
-            for micro in range(self.accum_steps):
-                t0 = time.perf_counter()
-                batch = next(data_iter)
-                data_time += time.perf_counter() - t0
-                if bad_term is not None:
-                    continue  # keep the data position; this step is dropped
-                sync = micro == self.accum_steps - 1 or not isinstance(model, DistributedDataParallel)
-                ctx = contextlib.nullcontext() if sync else model.no_sync()
-                with ctx:
-                    with self.amp.autocast():
-                        loss_dict = self.loss_fn(model, batch, self.device)
-                    total = sum(loss_dict.values())
-                    values = {k: float(v.detach()) for k, v in loss_dict.items()}
-                    nonfinite = [k for k, v in values.items() if not math.isfinite(v)]
-                    if not math.isfinite(float(total.detach())) and not nonfinite:
-                        nonfinite = ["total"]
-                    flag = self._agree([1.0 if nonfinite else 0.0])[0]
-                    if flag:
-                        bad_term = (
-                            ", ".join(f"{k}={values.get(k, float(total.detach()))}" for k in nonfinite)
-                            or "a loss term on another process"
-                        )
-                        # log what was seen (a skipped step shows its nan/inf, not 0)
-                        for k, v in values.items():
-                            losses_sum[k] = losses_sum.get(k, 0.0) + v / self.accum_steps
-                        continue
-                    self.amp.scaler.scale(total / self.accum_steps).backward()
-                for k, v in values.items():
-                    losses_sum[k] = losses_sum.get(k, 0.0) + v / self.accum_steps
+            losses_sum = self.train_step(next_batch)
             self.samples_seen += self.samples_per_iter
-            if bad_term is not None:
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.nonfinite == "stop":
-                    raise TrainingError(
-                        f"non-finite loss at iteration {self.iter}: {bad_term} "
-                        "(set train.nonfinite=skip to drop such steps instead)"
-                    )
-                self.skipped_steps += 1
-                logger.warning(f"iteration {self.iter}: non-finite loss ({bad_term}); step skipped "
-                               f"({self.skipped_steps} so far)")
-            else:
-                if self.clip_grad_norm > 0:
-                    self.amp.scaler.unscale_(self.optimizer)
-                    params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-                    torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
-                self.amp.scaler.step(self.optimizer)
-                self.amp.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
             self.iter += 1
             window_iters += 1
             self.last_losses = losses_sum
@@ -396,7 +423,7 @@ class Trainer:
         done = self.iter - start_iter
         eta = (now - t_start) / max(1, done) * (self.max_iter - self.iter)
         total = sum(losses.values())
-        ips = self.samples_per_iter * self.images_per_sample / max(per_iter, 1e-9)
+        ips = self.samples_per_iter / max(per_iter, 1e-9)
         scalars = {"loss": total, **losses, "lr": lr, "time": per_iter,
                    "data_time": data_time / max(1, window_iters), "images_per_sec": ips,
                    "eta_seconds": eta, "skipped_steps": self.skipped_steps}

@@ -1,4 +1,4 @@
-"""COCO evaluation: results conversion, rescaling to original size, COCOeval scoring."""
+"""COCO evaluation (bbox + segm with the official pycocotools metrics) and running a model over a dataset."""
 from .coco import (  # noqa: F401
     COCO_METRIC_NAMES,
     COCOEvaluator,
@@ -7,16 +7,16 @@ from .coco import (  # noqa: F401
     instances_to_coco_json,
     load_coco_gt,
     print_coco_table,
-    rescale_instances,
 )
+from .inference import inference_on_dataset  # noqa: F401
 
 __all__ = [
     "COCO_METRIC_NAMES",
     "COCOEvaluator",
     "evaluate_predictions_on_coco",
     "evaluate_results_file",
+    "inference_on_dataset",
     "instances_to_coco_json",
     "load_coco_gt",
     "print_coco_table",
-    "rescale_instances",
 ]

@@ -2,11 +2,11 @@
 
 The flow mirrors detectron2's ``COCOEvaluator``:
 
-1. :meth:`COCOEvaluator.process` takes the model's per-image outputs (torchvision
-   ``MaskRCNN`` convention), maps them back to the original image size
-   (:func:`rescale_instances`) and converts them to COCO results records
-   (:func:`instances_to_coco_json`) right away, so only small JSON-able records
-   are kept in memory.
+1. :meth:`COCOEvaluator.process` takes the detector's per-image outputs in the
+   original image's frame, pastes the RoI masks into the image a few at a time
+   (:func:`maedet.models.detectors.mask_ops.iter_pasted_masks`) and converts
+   everything to COCO results records (:func:`instances_to_coco_json`) right
+   away, so only small JSON-able records are kept in memory.
 2. :meth:`COCOEvaluator.evaluate` gathers the records of all ranks on rank 0,
    writes ``coco_instances_results.json`` (atomically) and scores it with
    ``COCOeval`` (``evaluate`` / ``accumulate`` / ``summarize``), restricted to the
@@ -31,20 +31,18 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
-import torch.nn.functional as F
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maedet.checkpoint.io import atomic_write
-from maedet.engine.distributed import gather_object, get_rank
-from maedet.errors import DatasetError
+from maedet.models.detectors.mask_ops import encode_rle, iter_pasted_masks
+from maedet.utils.distributed import gather_object, get_rank
+from maedet.utils.errors import DatasetError
+from maedet.utils.fileio import atomic_write
 
 __all__ = [
     "COCO_METRIC_NAMES",
     "instances_to_coco_json",
-    "rescale_instances",
     "load_coco_gt",
     "evaluate_predictions_on_coco",
     "evaluate_results_file",
@@ -102,6 +100,7 @@ def instances_to_coco_json(
     *,
     label_to_cat_id: Mapping[int, int],
     mask_threshold: float = 0.5,
+    rles: Optional[List[Dict[str, Any]]] = None,
 ) -> List[Dict[str, Any]]:
     """Convert the instances of one image to COCO results records.
 
@@ -114,6 +113,7 @@ def instances_to_coco_json(
             float probabilities (binarized with ``> mask_threshold``) or bool / 0-1.
         label_to_cat_id: contiguous label -> COCO ``category_id``.
         mask_threshold: probability above which a mask pixel is foreground.
+        rles: instead of ``masks``, the instances' compressed RLEs.
 
     Returns:
         One dict per instance with ``image_id``, ``category_id``, ``bbox``
@@ -131,16 +131,13 @@ def instances_to_coco_json(
         raise ValueError(
             f"image {image_id}: {n} boxes but {scores_np.shape[0]} scores and {labels_np.shape[0]} labels"
         )
-    rles = None
     if masks is not None:
         masks_np = _binarize_masks(masks, mask_threshold)
         if masks_np.shape[0] != n:
             raise ValueError(f"image {image_id}: {n} boxes but {masks_np.shape[0]} masks")
-        rles = []
-        for m in masks_np:
-            rle = mask_util.encode(np.asfortranarray(m[:, :, None].astype(np.uint8)))[0]
-            rle["counts"] = rle["counts"].decode("utf-8")
-            rles.append(rle)
+        rles = encode_rle(torch.from_numpy(masks_np))
+    if rles is not None and len(rles) != n:
+        raise ValueError(f"image {image_id}: {n} boxes but {len(rles)} masks")
 
     xywh = boxes.copy()
     xywh[:, 2] -= xywh[:, 0]
@@ -165,49 +162,6 @@ def instances_to_coco_json(
             rec["segmentation"] = rles[i]
         results.append(rec)
     return results
-
-
-def rescale_instances(output: Mapping[str, Any], from_size: Size, to_size: Size) -> Dict[str, Any]:
-    """Map one image's instances from the model's input size to another image size.
-
-    The model sees a resized image; its boxes and masks are in that image's
-    pixels. This maps them to the original image so that they can be compared
-    with the ground truth.
-
-    Args:
-        output: dict with ``boxes`` (N, 4) xyxy and optionally ``masks``
-            (N, 1, h, w) or (N, h, w) probabilities or bool; other keys
-            (``scores``, ``labels``) are passed through unchanged.
-        from_size: ``(h, w)`` of the image the model saw.
-        to_size: ``(h, w)`` of the target (original) image.
-
-    Returns:
-        A new dict: boxes scaled by ``to_w / from_w`` in x and ``to_h / from_h``
-        in y; masks resized with bilinear interpolation of the probabilities
-        (bool masks are treated as 0/1 probabilities), float, same rank as the
-        input. Thresholding happens later, in :func:`instances_to_coco_json`.
-    """
-    fh, fw = int(from_size[0]), int(from_size[1])
-    th, tw = int(to_size[0]), int(to_size[1])
-    out = dict(output)
-    if (fh, fw) == (th, tw):
-        return out
-    boxes = torch.as_tensor(output["boxes"])
-    dtype = boxes.dtype if boxes.dtype.is_floating_point else torch.float32
-    scale = torch.tensor([tw / fw, th / fh, tw / fw, th / fh], dtype=dtype, device=boxes.device)
-    out["boxes"] = boxes.to(dtype) * scale
-    if output.get("masks") is not None:
-        masks = torch.as_tensor(output["masks"])
-        squeeze = masks.dim() == 3
-        m = masks.unsqueeze(1) if squeeze else masks
-        if not m.dtype.is_floating_point:
-            m = m.float()
-        if m.shape[0] == 0:
-            m = m.new_zeros((0, m.shape[1], th, tw))
-        else:
-            m = F.interpolate(m, size=(th, tw), mode="bilinear", align_corners=False)
-        out["masks"] = m[:, 0] if squeeze else m
-    return out
 
 
 def load_coco_gt(coco_gt: Union[str, COCO]) -> COCO:
@@ -375,10 +329,9 @@ class COCOEvaluator:
         evaluator = COCOEvaluator(ann_file, dataset.label_to_cat_id, output_dir=out)
         evaluator.reset()
         for images, targets in loader:
-            outputs = model(images)
-            evaluator.process([t["image_id"] for t in targets], outputs,
-                              orig_sizes=[t["orig_size"] for t in targets],
-                              input_sizes=[img.shape[-2:] for img in images])
+            sizes = [t["orig_size"] for t in targets]
+            outputs = model(images, output_sizes=sizes)
+            evaluator.process([t["image_id"] for t in targets], outputs, orig_sizes=sizes)
         results = evaluator.evaluate()   # {"bbox": {...}, "segm": {...}} on rank 0, {} elsewhere
 
     Metrics are in **percent** (COCOeval's fractions times 100, like
@@ -439,20 +392,18 @@ class COCOEvaluator:
         image_ids: Sequence[int],
         outputs: Sequence[Mapping[str, Any]],
         orig_sizes: Optional[Sequence[Size]] = None,
-        input_sizes: Optional[Sequence[Size]] = None,
     ) -> None:
-        """Record the model outputs of a batch of images.
+        """Record the detector's outputs for a batch of images.
 
         Args:
             image_ids: COCO image id of each image (ints or 0-d tensors).
-            outputs: per image, a dict with ``boxes`` (N, 4) xyxy, ``scores``
-                (N,), ``labels`` (N,) in 1..K and, for ``segm``, ``masks``
-                (N, 1, H, W) probabilities, all in the pixels of the image the
-                model saw.
+            outputs: per image, in the original image's pixels: ``boxes`` (N, 4)
+                XYXY, ``scores`` (N,), ``labels`` (N,) in 1..K and, for ``segm``,
+                either ``mask_probs`` (N, 1, M, M) RoI mask probabilities (pasted
+                here into the image, a few at a time) or ``masks`` (N, H, W)
+                full-size masks (probabilities or bool).
             orig_sizes: per image ``(h, w)`` of the original image; ``None``
                 takes it from the ground truth's ``height`` / ``width``.
-            input_sizes: per image ``(h, w)`` of the image the model saw;
-                ``None`` means the outputs are already in original coordinates.
         """
         if len(image_ids) != len(outputs):
             raise ValueError(f"{len(image_ids)} image ids but {len(outputs)} outputs")
@@ -460,16 +411,22 @@ class COCOEvaluator:
             image_id = int(image_id)
             if image_id not in self._gt_img_ids:
                 raise DatasetError(f"image id {image_id} is not in {self._gt_name}")
-            if "segm" in self._tasks and output.get("masks") is None:
-                raise ValueError(f"task 'segm' needs 'masks' in the outputs (image {image_id} has none)")
-            if input_sizes is not None:
-                if orig_sizes is not None:
-                    orig = orig_sizes[i]
+            masks, rles = None, None
+            if "segm" in self._tasks:
+                if output.get("mask_probs") is not None:
+                    if orig_sizes is not None:
+                        size = tuple(int(v) for v in orig_sizes[i])
+                    else:
+                        info = self._coco_gt.imgs[image_id]
+                        size = (info["height"], info["width"])
+                    boxes = torch.as_tensor(output["boxes"])
+                    rles = [r for chunk in iter_pasted_masks(torch.as_tensor(output["mask_probs"]), boxes, size,
+                                                             self._mask_threshold) for r in encode_rle(chunk)]
+                elif output.get("masks") is not None:
+                    masks = output["masks"]
                 else:
-                    info = self._coco_gt.imgs[image_id]
-                    orig = (info["height"], info["width"])
-                output = rescale_instances(output, tuple(input_sizes[i]), tuple(orig))
-            masks = output.get("masks") if "segm" in self._tasks else None
+                    raise ValueError(f"task 'segm' needs 'mask_probs' or 'masks' in the outputs "
+                                     f"(image {image_id} has neither)")
             records = instances_to_coco_json(
                 image_id,
                 output["boxes"],
@@ -478,6 +435,7 @@ class COCOEvaluator:
                 masks,
                 label_to_cat_id=self._label_to_cat_id,
                 mask_threshold=self._mask_threshold,
+                rles=rles,
             )
             # The first occurrence wins (a padded distributed sampler repeats images).
             self._predictions.setdefault(image_id, records)

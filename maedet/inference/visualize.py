@@ -13,8 +13,10 @@ import cv2
 import numpy as np
 import torch
 
-from maedet.checkpoint.io import atomic_write
-from maedet.errors import MaedetError
+import pycocotools.mask as mask_util
+
+from maedet.utils.errors import MaedetError
+from maedet.utils.fileio import atomic_write
 
 __all__ = ["PALETTE", "color_for", "draw_instances", "save_visualization"]
 
@@ -79,7 +81,8 @@ def draw_instances(
             use 0 when ``class_names[0]`` is the background); a mapping is
             indexed with the label. Labels with no name are shown as numbers.
         masks: optional (N, H, W) or (N, 1, H, W) masks, bool or probabilities
-            (foreground where ``> mask_threshold``).
+            (foreground where ``> mask_threshold``), or a list of N COCO RLEs
+            (decoded one at a time, so a large photo never holds N full masks).
         score_thresh: minimum score of a drawn instance.
         alpha: opacity of the mask overlay, in [0, 1].
         draw_boxes: draw box outlines.
@@ -109,8 +112,12 @@ def draw_instances(
     n = boxes_np.shape[0]
     if scores_np.shape[0] != n or labels_np.shape[0] != n:
         raise ValueError(f"{n} boxes but {scores_np.shape[0]} scores and {labels_np.shape[0]} labels")
+    rles = masks if isinstance(masks, (list, tuple)) and all(isinstance(m, Mapping) for m in masks) else None
     masks_np = None
-    if masks is not None:
+    if rles is not None:
+        if len(rles) != n or any(tuple(r["size"]) != (h, w) for r in rles):
+            raise ValueError(f"masks: expected {n} RLEs of size ({h}, {w})")
+    elif masks is not None:
         masks_np = _to_numpy(masks)
         if masks_np.ndim == 4 and masks_np.shape[1] == 1:
             masks_np = masks_np[:, 0]
@@ -127,15 +134,17 @@ def draw_instances(
     }
 
     # Larger instances first so that small ones are drawn on top.
-    if masks_np is not None:
+    if rles is not None:
+        areas = np.array([float(mask_util.area(rles[i])) for i in keep])
+    elif masks_np is not None:
         areas = masks_np[keep].reshape(len(keep), -1).sum(axis=1) if len(keep) else np.zeros(0)
     else:
         areas = (boxes_np[keep, 2] - boxes_np[keep, 0]) * (boxes_np[keep, 3] - boxes_np[keep, 1])
     order = keep[np.argsort(-areas, kind="stable")]
 
-    if masks_np is not None:
+    if masks_np is not None or rles is not None:
         for i in order:
-            m = masks_np[i]
+            m = masks_np[i] if rles is None else mask_util.decode(rles[i]).astype(bool)
             blended = (1.0 - alpha) * out[m].astype(np.float32) + alpha * colors[int(i)]
             out[m] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
@@ -178,7 +187,7 @@ def save_visualization(path: str, image_rgb: np.ndarray) -> None:
     The format follows the extension of ``path`` (``.png`` lossless,
     ``.jpg``/``.jpeg``, ...); the image is encoded in memory with
     ``cv2.imencode`` (RGB -> BGR) and written with
-    :func:`maedet.checkpoint.io.atomic_write`, so a reader never sees a
+    :func:`maedet.utils.fileio.atomic_write`, so a reader never sees a
     half-written file.
 
     Raises:

@@ -24,15 +24,7 @@ from timm.models.vision_transformer import Block
 
 from .pos_embed import get_2d_sincos_pos_embed
 
-__all__ = [
-    "MaskedAutoencoderViT",
-    "masking_noise",
-    "mae_vit_tiny_patch16",
-    "mae_vit_base_patch16",
-    "mae_vit_large_patch16",
-    "mae_vit_huge_patch14",
-    "MAE_MODELS",
-]
+__all__ = ["MaskedAutoencoderViT", "masking_noise"]
 
 # Top-level names of the encoder's parameters/buffers (shared with timm's VisionTransformer).
 _ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
@@ -77,16 +69,18 @@ def masking_noise(
 class MaskedAutoencoderViT(nn.Module):
     """Masked autoencoder with a Vision Transformer encoder and decoder.
 
+    Sizes have no defaults: they come from the config (``configs/mae/*.yaml``).
+
     Args:
-        img_size: input image side S in pixels (square images, S % patch_size == 0).
-        patch_size: patch side p in pixels; the grid is (S/p) x (S/p), L = (S/p)^2 patches.
-        in_chans: C, image channels.
         embed_dim: D, encoder token width.
         depth: number of encoder blocks.
         num_heads: encoder attention heads.
         decoder_embed_dim: Dd, decoder token width.
         decoder_depth: number of decoder blocks.
         decoder_num_heads: decoder attention heads.
+        img_size: input image side S in pixels (square images, S % patch_size == 0).
+        patch_size: patch side p in pixels; the grid is (S/p) x (S/p), L = (S/p)^2 patches.
+        in_chans: C, image channels.
         mlp_ratio: MLP hidden width / token width, for encoder and decoder.
         norm_layer: normalization constructor, called with the width; default
             ``partial(nn.LayerNorm, eps=1e-6)``.
@@ -96,15 +90,16 @@ class MaskedAutoencoderViT(nn.Module):
 
     def __init__(
         self,
+        *,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        decoder_embed_dim: int,
+        decoder_depth: int,
+        decoder_num_heads: int,
         img_size: int = 224,
         patch_size: int = 16,
         in_chans: int = 3,
-        embed_dim: int = 1024,
-        depth: int = 24,
-        num_heads: int = 16,
-        decoder_embed_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
         norm_layer: Optional[Callable[..., nn.Module]] = None,
         norm_pix_loss: bool = False,
@@ -375,42 +370,3 @@ class MaskedAutoencoderViT(nn.Module):
             if k.split(".", 1)[0] in _ENCODER_PREFIXES
         }
 
-
-def _mae_factory(kwargs: dict, **defaults) -> MaskedAutoencoderViT:
-    """A model from a factory's defaults (MLP ratio 4, LayerNorm eps 1e-6) and the caller's overrides."""
-    cfg = dict(mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6), **defaults)
-    cfg.update(kwargs)
-    return MaskedAutoencoderViT(**cfg)
-
-
-def mae_vit_tiny_patch16(**kwargs) -> MaskedAutoencoderViT:
-    """ViT-Tiny/16 encoder (192 wide, 4 blocks, 3 heads) and a 128-wide, 2-block
-    decoder: for tests and CPU quickstarts. Keyword arguments override the defaults."""
-    return _mae_factory(kwargs, patch_size=16, embed_dim=192, depth=4, num_heads=3,
-                        decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
-
-
-def mae_vit_base_patch16(**kwargs) -> MaskedAutoencoderViT:
-    """ViT-B/16 encoder (768 wide, 12 blocks, 12 heads), 512-wide 8-block decoder."""
-    return _mae_factory(kwargs, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-
-
-def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT:
-    """ViT-L/16 encoder (1024 wide, 24 blocks, 16 heads), 512-wide 8-block decoder."""
-    return _mae_factory(kwargs, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
-                        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-
-
-def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
-    """ViT-H/14 encoder (1280 wide, 32 blocks, 16 heads), 512-wide 8-block decoder."""
-    return _mae_factory(kwargs, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
-                        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-
-
-MAE_MODELS: Dict[str, Callable[..., MaskedAutoencoderViT]] = {
-    "mae_vit_tiny_patch16": mae_vit_tiny_patch16,
-    "mae_vit_base_patch16": mae_vit_base_patch16,
-    "mae_vit_large_patch16": mae_vit_large_patch16,
-    "mae_vit_huge_patch14": mae_vit_huge_patch14,
-}

@@ -11,11 +11,15 @@ from typing import Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from maedet.utils.errors import CheckpointError
+
 __all__ = [
     "get_1d_sincos_pos_embed",
     "get_2d_sincos_pos_embed",
     "resize_pos_embed_grid",
     "interpolate_pos_embed",
+    "count_prefix_tokens",
+    "fit_pos_embed",
 ]
 
 
@@ -127,3 +131,28 @@ def interpolate_pos_embed(
     prefix = pos_embed[:, :num_prefix_tokens]
     grid = resize_pos_embed_grid(pos_embed, new_grid, num_prefix_tokens, mode)
     return torch.cat([prefix, grid.reshape(1, -1, grid.shape[-1])], dim=1)
+
+
+def count_prefix_tokens(n: int) -> int:
+    """Number of prefix (class) tokens in a (1, P + side^2, C) position table."""
+    for p in (0, 1):
+        side = math.isqrt(max(n - p, 0))
+        if side * side == n - p and side > 0:
+            return p
+    raise CheckpointError(f"key 'pos_embed': {n} positions are not a square grid with 0 or 1 prefix tokens")
+
+
+def fit_pos_embed(ckpt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A checkpoint's (1, P + N, C) position table fitted to the model's (1, P' + N', C)."""
+    if ckpt.dim() != 3 or ckpt.shape[0] != 1 or ckpt.shape[-1] != target.shape[-1]:
+        raise CheckpointError(f"key 'pos_embed' has shape {tuple(ckpt.shape)}, the model expects "
+                              f"{tuple(target.shape)} (different embedding width / model size?)")
+    p_ckpt, p_model = count_prefix_tokens(ckpt.shape[1]), count_prefix_tokens(target.shape[1])
+    side = math.isqrt(target.shape[1] - p_model)
+    ckpt = ckpt.to(target.dtype)
+    if p_ckpt == 1 and p_model == 1:
+        return interpolate_pos_embed(ckpt, side, num_prefix_tokens=1)
+    grid = resize_pos_embed_grid(ckpt, side, num_prefix_tokens=p_ckpt).reshape(1, side * side, -1)
+    if p_model == 0:
+        return grid
+    return torch.cat([target.new_zeros(1, 1, target.shape[-1]), grid], dim=1)

@@ -33,28 +33,16 @@ train: {{device: cpu, batch_size: 4, num_workers: 0, checkpoint_period: 3, log_p
 DET_YAML = """
 output_dir: {out}
 model:
-  pyramid_channels: 32
-  box_head_conv_dims: [32, 32]
-  box_head_fc_dim: 64
-  mask_head_conv_dims: [32, 32]
-  anchor_sizes: [8, 16, 32, 64, 128]
-  min_size: 64
-  max_size: 64
-  rpn_pre_nms_top_n_train: 100
-  rpn_post_nms_top_n_train: 50
-  rpn_pre_nms_top_n_test: 100
-  rpn_post_nms_top_n_test: 50
-  rpn_batch_size_per_image: 32
-  box_batch_size_per_image: 16
-  detections_per_img: 10
+  neck: {{out_channels: 32, square_pad: 64}}
+  rpn: {{anchor_sizes: [8, 16, 32, 64, 128], pre_nms_topk_train: 100, post_nms_topk_train: 50,
+        pre_nms_topk_test: 100, post_nms_topk_test: 50, batch_size_per_image: 32}}
+  roi_heads: {{box_head_conv_dims: [32, 32], box_head_fc_dims: [64], mask_head_conv_dims: [32, 32],
+              batch_size_per_image: 16, detections_per_img: 10}}
   backbone: {{img_size: 64, embed_dim: 64, depth: 2, num_heads: 2, window_size: 4, global_blocks: [1],
              drop_path_rate: 0.0, pretrain_img_size: 64}}
 data:
-  train: {{json: {train_json}, images: {train_images}}}
-  test: {{json: {val_json}, images: {val_images}}}
-  image_size: 64
-  min_scale: 0.8
-  max_scale: 1.2
+  train: {{json: {train_json}, images: {train_images}, pipeline: {{image_size: 64, min_scale: 0.8, max_scale: 1.2}}}}
+  test: {{json: {val_json}, images: {val_images}, pipeline: {{short_edge_length: 64, max_size: 64}}}}
 solver: {{lr: 1.0e-3, max_iter: 16, warmup_iters: 2, steps: [12]}}
 train: {{device: cpu, batch_size: 2, total_batch_size: 0, num_workers: 0, checkpoint_period: 3, log_period: 1,
         persistent_workers: false, pin_memory: false}}
@@ -246,7 +234,7 @@ def run_tool_inprocess(tool: str, argv: Sequence[str], capsys) -> "ToolResult":
     sys.argv = [f"tools/{tool}.py", *argv]
     try:
         try:
-            if tool == "train_net":
+            if tool in ("train_net", "pretrain"):
                 a = mod.parse_args(list(argv))
                 mod.launch(mod.main, a.num_gpus, (a,))
             else:
@@ -255,7 +243,7 @@ def run_tool_inprocess(tool: str, argv: Sequence[str], capsys) -> "ToolResult":
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = old_argv
-        from maedet.engine.events import setup_logger
+        from maedet.utils.logger import setup_logger
 
         setup_logger()  # drop the run's log.txt handler
     captured = capsys.readouterr()

@@ -198,8 +198,7 @@ def test_bad_annotation_json_subprocess(tmp_path, toy):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, toy):
     """Good and bad encoder / detection checkpoints for the tiny detection config."""
-    from maedet.config import DetectionConfig, load_config
-    from maedet.engine.detection import build_detection_model
+    from maedet.builders import build_detection_model, load_detection_config
     from maedet.models.mae import MaskedAutoencoderViT
 
     d = tmp_path_factory.mktemp("ckpts")
@@ -212,9 +211,9 @@ def checkpoints(tmp_path_factory, toy):
     big = MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=96, depth=2, num_heads=2, decoder_embed_dim=32,
                                decoder_depth=1, decoder_num_heads=2)
     torch.save({"model": big.encoder_state_dict()}, d / "enc_other_size.pth")
-    det = build_detection_model(load_config(cfg_path, [], DetectionConfig), 3)
+    det = build_detection_model(load_detection_config(cfg_path, [], splits=()).model, 3)
     torch.save({"model": det.state_dict()}, d / "det.pth")
-    det96 = build_detection_model(load_config(cfg_path, ["model.backbone.embed_dim=96"], DetectionConfig), 3)
+    det96 = build_detection_model(load_detection_config(cfg_path, ["model.backbone.embed_dim=96"], splits=()).model, 3)
     torch.save({"model": det96.state_dict()}, d / "det_other_size.pth")
     for name in ("enc", "det"):
         data = (d / f"{name}.pth").read_bytes()
@@ -330,7 +329,7 @@ def test_disk_full_and_kill_inside_checkpointer(tmp_path, monkeypatch):
     leaves behind. The previous checkpoint stays usable and named by the pointer."""
     from maedet.checkpoint import checkpointer as ckmod
     from maedet.checkpoint.checkpointer import Checkpointer
-    from maedet.errors import CheckpointError
+    from maedet.utils.errors import CheckpointError
 
     c = Checkpointer(str(tmp_path), max_to_keep=2)
     state = {"model": {"w": torch.arange(1000.0)}, "iter": 1}

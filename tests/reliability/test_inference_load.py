@@ -12,17 +12,16 @@ from .conftest import write_det_config
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory, toy):
-    from maedet.config import DetectionConfig, load_config
-    from maedet.engine.detection import build_detection_model
-    from maedet.inference import Predictor
+    from maedet.builders import build_detection_model, load_detection_config
+    from maedet.builders import build_predictor
 
     d = tmp_path_factory.mktemp("pred")
     cfg = write_det_config(d / "det.yaml", d / "out", toy)
     torch.manual_seed(0)
-    model = build_detection_model(load_config(cfg, [], DetectionConfig), 3)
+    model = build_detection_model(load_detection_config(cfg, [], splits=()).model, 3)
     weights = d / "model.pth"
     torch.save({"model": model.state_dict(), "meta": {"class_names": ["circle", "triangle", "square"]}}, weights)
-    return Predictor(cfg, str(weights), device="cpu", score_thresh=0.0)
+    return build_predictor(cfg, str(weights), device="cpu", score_thresh=0.0)
 
 
 def _calls(toy):

@@ -17,7 +17,7 @@ from torch import nn
 
 from maedet.engine.schedule import LRSchedule
 from maedet.engine.trainer import HookBase, Trainer
-from maedet.errors import TrainingError
+from maedet.utils.errors import TrainingError
 
 
 class _Net(nn.Module):
@@ -65,7 +65,7 @@ def _trainer(tmp_path, loss_fn, nonfinite="stop", amp="off", clip=0.0, max_iter=
     torch.manual_seed(0)
     model = _Net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return Trainer(model, opt, _loader_fn(), loss_fn, LRSchedule("constant", max_iter), 1e-2, max_iter,
+    return Trainer(model, opt, _loader_fn(), loss_fn, LRSchedule("constant", max_iter), lr=1e-2, max_iter=max_iter,
                    samples_per_iter=8 * accum, output_dir=str(tmp_path), device=torch.device("cpu"), amp=amp,
                    accum_steps=accum, clip_grad_norm=clip, checkpoint_period=2, log_period=1, nonfinite=nonfinite,
                    hooks=hooks)

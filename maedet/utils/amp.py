@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from maedet.errors import ConfigError
+from maedet.utils.errors import ConfigError
 
 __all__ = ["AMP_MODES", "resolve_amp", "amp_dtype", "autocast"]
 

@@ -11,6 +11,8 @@ from typing import Any, List
 import torch
 import torch.distributed as dist
 
+from maedet.utils.errors import ConfigError
+
 __all__ = [
     "is_dist",
     "get_rank",
@@ -23,12 +25,7 @@ __all__ = [
     "gather_object",
     "all_reduce_mean",
     "destroy_distributed",
-    "GRAD_COMPRESSIONS",
-    "check_grad_compression",
-    "wrap_ddp",
 ]
-
-GRAD_COMPRESSIONS = ("none", "bf16", "fp16")
 
 
 def is_dist() -> bool:
@@ -68,48 +65,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> torch.d
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            from maedet.errors import ConfigError
-
             raise ConfigError("train.device=cuda but no CUDA device is available")
         return torch.device("cuda", get_local_rank()) if is_dist() else torch.device("cuda")
     return torch.device(device)
-
-
-def check_grad_compression(mode: str) -> str:
-    """``mode`` if it is a known ``train.ddp_grad_compression`` value, else a ConfigError."""
-    if mode not in GRAD_COMPRESSIONS:
-        from maedet.errors import ConfigError
-
-        raise ConfigError(f"train.ddp_grad_compression must be none, bf16 or fp16, got '{mode}'")
-    return mode
-
-
-def wrap_ddp(model: torch.nn.Module, device: torch.device, grad_compression: str = "none",
-             bucket_view: bool = True, **kwargs: Any) -> torch.nn.Module:
-    """``model`` in ``DistributedDataParallel`` with maedet's communication settings.
-
-    Args:
-        model: module already on ``device``.
-        device: this process's device (CUDA: its index becomes ``device_ids``).
-        grad_compression: ``none``, or ``bf16`` / ``fp16``: gradients are cast to
-            that dtype for the all-reduce (half the bytes) and back (torch's
-            ``bf16_compress_hook`` / ``fp16_compress_hook``).
-        bucket_view: ``gradient_as_bucket_view``: the ``.grad`` tensors are views
-            into the all-reduce buckets, which saves one gradient-sized copy.
-        kwargs: further ``DistributedDataParallel`` arguments.
-    """
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from torch.nn.parallel import DistributedDataParallel
-
-    check_grad_compression(grad_compression)
-    kwargs.setdefault("gradient_as_bucket_view", bool(bucket_view))
-    if device.type == "cuda":
-        kwargs.setdefault("device_ids", [device.index if device.index is not None else 0])
-    ddp = DistributedDataParallel(model, **kwargs)
-    if grad_compression != "none":
-        hook = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
-        ddp.register_comm_hook(None, hook[grad_compression])
-    return ddp
 
 
 def destroy_distributed() -> None:

@@ -1,70 +1,49 @@
-"""Simple feature pyramid of ViTDet: one stride-16 ViT map -> strides 4, 8, 16, 32 (+64).
+"""Simple feature pyramid of ViTDet: one stride-16 backbone map -> strides 4, 8, 16, 32 (+64).
 
 The module structure mirrors detectron2's ``SimpleFeaturePyramid`` exactly
 (``simfp_{stage}.{index}``, conv + norm modules with a ``.norm`` child), so a
 detectron2 ViTDet checkpoint maps by stripping the ``backbone.`` prefix:
 ``backbone.simfp_2.4.norm.weight`` -> ``simfp_2.4.norm.weight``.
 
-It is a torchvision detection backbone: ``out_channels`` is set and
-``forward`` returns an ``OrderedDict`` of maps named "p2" ... "p6".
+Like every neck, it is itself a :class:`~maedet.models.backbones.base.Backbone`
+(``output_shape``, ``layer_id``) and says how its input must be padded
+(:attr:`SimpleFeaturePyramid.padding_constraints`): the detector pads each batch
+to a ``square_pad`` square, bottom/right, as detectron2 does.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence
+from typing import Dict, Literal, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
 
-from .vit import ViT
+from maedet.models.backbones.base import Backbone
+from maedet.models.layers import ConvNorm2d, ShapeSpec, get_norm
+from maedet.utils.registry import NECKS
 
-__all__ = ["LayerNorm2d", "ConvNorm2d", "SimpleFeaturePyramid", "get_norm"]
-
-
-def get_norm(norm: str, channels: int) -> Optional[nn.Module]:
-    """Normalization of NCHW maps by name: "LN" (over channels, eps 1e-6, as
-    detectron2's ``LayerNorm``) or "" (none)."""
-    if norm == "LN":
-        return LayerNorm2d(channels, eps=1e-6)
-    if norm in ("", None):
-        return None
-    raise ValueError(f"unsupported norm {norm!r}; use 'LN' or ''")
+__all__ = ["SimpleFeaturePyramid"]
 
 
-class ConvNorm2d(nn.Conv2d):
-    """``nn.Conv2d`` followed by an optional norm stored as ``.norm`` (detectron2's
-    ``layers.Conv2d``), so parameters are named ``weight``, ``bias``, ``norm.weight``."""
-
-    def __init__(self, *args, norm: Optional[nn.Module] = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.norm = norm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._conv_forward(x, self.weight, self.bias)
-        if self.norm is not None:
-            x = self.norm(x)
-        return x
-
-
-class SimpleFeaturePyramid(nn.Module):
+@NECKS.register("simple_feature_pyramid")
+class SimpleFeaturePyramid(Backbone):
     """ViTDet's simple feature pyramid on top of a plain ViT (``self.net``)."""
 
     def __init__(
         self,
-        net: ViT,
+        net: Backbone,
         in_feature: str = "last_feat",
         out_channels: int = 256,
         scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
         top_block: bool = True,
-        norm: str = "LN",
+        norm: Literal["LN", ""] = "LN",
         square_pad: int = 0,
     ):
         """
         Args:
-            net: the ViT; its ``forward`` returns {in_feature: (B, C, H/s, W/s)}.
+            net: the backbone (a ViT); its ``forward`` returns {in_feature: (B, C, H/s, W/s)}.
             in_feature: name of the ViT output used.
             out_channels: channels of every pyramid level.
             scale_factors: resampling of the stride-s map per level; 4 and 2 use
@@ -72,20 +51,17 @@ class SimpleFeaturePyramid(nn.Module):
             top_block: add a stride-64 level ("p6") by max-pooling the last level
                 with kernel 1, stride 2 (detectron2's ``LastLevelMaxPool``).
             norm: "LN" (channels-first LayerNorm) or "" (none; convs get a bias).
-            square_pad: if > 0, the input is zero-padded at the bottom/right to a
-                square of side ``max(square_pad, H, W)`` before the ViT (as
-                ViTDet's square padding to 1024), and the outputs are cropped
-                back to the input's extent (H / stride, W / stride), so that the
-                returned maps still match the input size (torchvision derives
-                anchor strides from image size / feature size).
+            square_pad: if > 0, batches are padded (bottom/right, after
+                normalization, with 0) to a square of this side before the
+                backbone (ViTDet: 1024); see :attr:`padding_constraints`.
         """
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError("net must be a backbone module")
         self.net = net
         self.in_feature = in_feature
-        dim = net._out_feature_channels[in_feature]
-        in_stride = net._out_feature_strides[in_feature]
+        shape = net.output_shape()[in_feature]
+        dim, in_stride = shape.channels, shape.stride
         self.scale_factors = tuple(float(s) for s in scale_factors)
         strides = [int(in_stride / scale) for scale in self.scale_factors]
         use_bias = norm in ("", None)
@@ -129,53 +105,59 @@ class SimpleFeaturePyramid(nn.Module):
             self.stages.append(stage_module)
 
         self.top_block = bool(top_block)
-        self._out_feature_strides: Dict[str, int] = {f"p{int(math.log2(s))}": s for s in strides}
+        self._strides: Dict[str, int] = {f"p{int(math.log2(s))}": s for s in strides}
         if self.top_block:
             last = int(math.log2(strides[-1]))
-            self._out_feature_strides[f"p{last + 1}"] = 2 ** (last + 1)
-        self._out_features = list(self._out_feature_strides.keys())
-        self._out_feature_channels = {k: out_channels for k in self._out_features}
-        self.out_channels = out_channels  # torchvision backbone contract
+            self._strides[f"p{last + 1}"] = 2 ** (last + 1)
+        self.out_channels = out_channels
         # Inputs must be divisible by the coarsest stride so every level is exact.
-        self.size_divisibility = max(max(self._out_feature_strides.values()), in_stride)
-        if square_pad and square_pad % self.size_divisibility:
-            raise ValueError(f"square_pad={square_pad} must be a multiple of {self.size_divisibility}")
+        self._size_divisibility = max(max(self._strides.values()), in_stride)
+        if square_pad and square_pad % self._size_divisibility:
+            raise ValueError(f"square_pad={square_pad} must be a multiple of {self._size_divisibility}")
         self.square_pad = int(square_pad)
+
+    # ------------------------------------------------------------ Backbone API
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {name: ShapeSpec(self.out_channels, s) for name, s in self._strides.items()}
+
+    @property
+    def size_divisibility(self) -> int:
+        return self._size_divisibility
 
     @property
     def padding_constraints(self) -> Dict[str, int]:
-        return {"size_divisibility": self.size_divisibility, "square_size": self.square_pad}
+        """How the detector pads a batch: sides multiple of ``size_divisibility``, and
+        a ``square_size`` square when it is > 0 (detectron2's padding constraints)."""
+        return {"size_divisibility": self._size_divisibility, "square_size": self.square_pad}
+
+    @property
+    def num_layers(self) -> int:
+        return self.net.num_layers
+
+    def layer_id(self, name: str) -> int:
+        """The backbone's own rule for ``net.*``; the pyramid layers come after it."""
+        if name.startswith("net."):
+            return self.net.layer_id(name[len("net."):])
+        return self.net.num_layers + 1
+
+    def filter_pretrained(self, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return self.net.filter_pretrained(state)
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """
         Args:
             x: (B, C_in, H, W) normalized images; H and W must be multiples of
-                ``size_divisibility`` (64 with the default levels; torchvision's
-                ``GeneralizedRCNNTransform(size_divisible=64)`` pads batches so).
+                :attr:`size_divisibility` (64 with the default levels).
         Returns:
             OrderedDict "p2" .. "p6" -> (B, out_channels, H / stride, W / stride).
         """
         H, W = x.shape[-2:]
-        d = self.size_divisibility
+        d = self._size_divisibility
         if H % d or W % d:
-            raise ValueError(
-                f"SimpleFeaturePyramid input {H}x{W} must have sides divisible by {d} "
-                f"(pad images, e.g. GeneralizedRCNNTransform(size_divisible={d}))"
-            )
-        crop = False
-        if self.square_pad > 0:
-            side = max(self.square_pad, H, W)
-            if side != H or side != W:
-                x = F.pad(x, (0, side - W, 0, side - H))
-                crop = True
+            raise ValueError(f"SimpleFeaturePyramid input {H}x{W} must have sides divisible by {d} "
+                             "(the detector pads batches to padding_constraints)")
         features = self.net(x)[self.in_feature]
         results = [stage(features) for stage in self.stages]
         if self.top_block:
             results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
-        out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-        for name, feat in zip(self._out_features, results):
-            if crop:
-                s = self._out_feature_strides[name]
-                feat = feat[:, :, : H // s, : W // s]
-            out[name] = feat
-        return out
+        return OrderedDict(zip(self._strides, results))
