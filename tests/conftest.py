@@ -1,4 +1,5 @@
 """Shared fixtures: where the real test data lives, and small helpers."""
+
 import os
 import sys
 
@@ -25,6 +26,21 @@ def require_data(*parts: str) -> str:
         if os.environ.get("MAEDET_REQUIRE_DATA") == "1":
             pytest.fail(f"test data not found: {p} (MAEDET_REQUIRE_DATA=1)")
         pytest.skip(f"test data not found: {p} (set MAEDET_TEST_DATA to the shared data folder)")
+    return p
+
+
+def golden_root() -> str:
+    """Reference outputs of detectron2: ``$MAEDET_TEST_GOLDEN`` or the ``golden`` folder next to the test data."""
+    return os.environ.get("MAEDET_TEST_GOLDEN", os.path.join(test_data_root(), "..", "golden"))
+
+
+def require_golden(*parts: str) -> str:
+    """Path under the golden folder, or skip the test with the reason (a failure under CI)."""
+    p = os.path.join(golden_root(), *parts)
+    if not os.path.exists(p):
+        if os.environ.get("MAEDET_REQUIRE_DATA") == "1":
+            pytest.fail(f"golden reference outputs not found: {p} (MAEDET_REQUIRE_DATA=1)")
+        pytest.skip(f"golden reference outputs not found: {p} (set MAEDET_TEST_GOLDEN)")
     return p
 
 
