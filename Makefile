@@ -4,15 +4,15 @@ PIP := $(PYTHON) -m pip
 TOY := datasets/toy
 QS := output/quickstart
 
-.PHONY: install test quickstart toy-data clean help
+.PHONY: install lint test quickstart toy-data clean help
 
 help:
 	@echo "make quickstart   install, then run the whole pipeline on the built-in toy data (CPU, a few minutes)"
-	@echo "make test         install, then run the test suite"
+	@echo "make test         install, then run the linters (ruff) and the test suite"
 	@echo "make install      install maedet and its pinned dependencies (constraints.txt)"
 
 # The stamp re-runs the install whenever the pins or the package metadata change.
-.installed: constraints.txt setup.py
+.installed: constraints.txt pyproject.toml
 	$(PIP) install -c constraints.txt -e ".[dev]"
 	@touch $@
 
@@ -34,7 +34,11 @@ quickstart: toy-data
 		--json $(QS)/pictures/results.json --score-thresh 0.5
 	@echo "quickstart done: pictures in $(QS)/pictures, AP table above, logs in $(QS)/"
 
-test: .installed
+lint: .installed
+	$(PYTHON) -m ruff check maedet tools tests datasets
+	$(PYTHON) -m ruff format --check maedet tools tests datasets
+
+test: lint
 	$(PYTHON) -m pytest -q
 
 clean:

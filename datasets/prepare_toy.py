@@ -9,6 +9,7 @@ Writes ``annotations/instances_{train,val}.json`` and ``train/``, ``val/`` JPEG 
 the catalog names ``toy_train`` and ``toy_val`` point there (under ``$MAEDET_DATASETS``).
 The output is a deterministic function of the arguments.
 """
+
 import os
 import sys
 

@@ -1,3 +1,3 @@
 """maedet: masked-autoencoder pretraining and ViTDet Mask R-CNN on COCO-format data."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

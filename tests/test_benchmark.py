@@ -1,4 +1,5 @@
 """Smoke test of tools/benchmark.py: every task on a tiny config, one timed run, JSON fields."""
+
 import importlib.util
 import json
 import os
@@ -9,11 +10,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DET = os.path.join(ROOT, "configs", "quickstart", "mask_rcnn_vit_tiny.yaml")
 MAE = os.path.join(ROOT, "configs", "quickstart", "mae_tiny.yaml")
 # A smaller detector than the quickstart one (narrow heads, few RoIs, 64x64 inputs).
-TINY_DET = ["model.backbone.embed_dim=48", "model.backbone.num_heads=2", "model.backbone.depth=2",
-            "model.backbone.global_blocks=[1]", "model.backbone.window_size=2", "model.neck.out_channels=16",
-            "model.roi_heads.box_head_conv_dims=[16]", "model.roi_heads.box_head_fc_dims=[32]",
-            "model.roi_heads.mask_head_conv_dims=[16]", "model.rpn.pre_nms_topk_test=200",
-            "model.rpn.post_nms_topk_test=200", "model.roi_heads.batch_size_per_image=32", "model.num_classes=5"]
+TINY_DET = [
+    "model.backbone.embed_dim=48",
+    "model.backbone.num_heads=2",
+    "model.backbone.depth=2",
+    "model.backbone.global_blocks=[1]",
+    "model.backbone.window_size=2",
+    "model.neck.out_channels=16",
+    "model.roi_heads.box_head_conv_dims=[16]",
+    "model.roi_heads.box_head_fc_dims=[32]",
+    "model.roi_heads.mask_head_conv_dims=[16]",
+    "model.rpn.pre_nms_topk_test=200",
+    "model.rpn.post_nms_topk_test=200",
+    "model.roi_heads.batch_size_per_image=32",
+    "model.num_classes=5",
+]
 
 
 def _load_tool():
@@ -37,36 +48,88 @@ def _run(tool, tmp_path, argv):
 
 
 def test_pretrain(tool, tmp_path):
-    res = _run(tool, tmp_path, ["--config", MAE, "--task", "pretrain", "--batch-size", "2", "--image-size", "32",
-                                "--amp", "off", "--flops", "model.depth=1", "model.decoder_depth=1"])
+    res = _run(
+        tool,
+        tmp_path,
+        [
+            "--config",
+            MAE,
+            "--task",
+            "pretrain",
+            "--batch-size",
+            "2",
+            "--image-size",
+            "32",
+            "--amp",
+            "off",
+            "--flops",
+            "model.depth=1",
+            "model.decoder_depth=1",
+        ],
+    )
     (r,) = res
-    for key in ("ms_per_step", "images_per_s", "s_per_iter", "cpu_s_per_iter", "peak_mem_mb", "params_total_m",
-                "flops_per_image_g", "optimizer_ms"):
+    for key in (
+        "ms_per_step",
+        "images_per_s",
+        "s_per_iter",
+        "cpu_s_per_iter",
+        "peak_mem_mb",
+        "params_total_m",
+        "flops_per_image_g",
+        "optimizer_ms",
+    ):
         assert isinstance(r[key], float) and r[key] >= 0, key
     assert r["optimizer_ms"] < r["ms_per_step"]
     assert r["batch_size"] == 2 and r["image_size"] == 32 and "loss_mae" in r["loss"]
 
 
 def test_train_with_compare_and_act_checkpoint(tool, tmp_path):
-    res = _run(tool, tmp_path, ["--config", DET, "--task", "train", "--batch-size", "1", "--image-size", "64",
-                                "--amp", "off", "--compare", "model.backbone.attn_impl=sdpa,explicit"] + TINY_DET)
+    res = _run(
+        tool,
+        tmp_path,
+        [
+            "--config",
+            DET,
+            "--task",
+            "train",
+            "--batch-size",
+            "1",
+            "--image-size",
+            "64",
+            "--amp",
+            "off",
+            "--compare",
+            "model.backbone.attn_impl=sdpa,explicit",
+        ]
+        + TINY_DET,
+    )
     names = [r["variant"] for r in res]
     assert len(res) == 4 and any("explicit" in n and "act_checkpoint=true" in n for n in names)
-    saved = {(("explicit" in r["variant"]), ("act_checkpoint=true" in r["variant"])): r["saved_activations_mb"]
-             for r in res}
+    saved = {
+        (("explicit" in r["variant"]), ("act_checkpoint=true" in r["variant"])): r["saved_activations_mb"] for r in res
+    }
     # explicit attention keeps the (N x N) probabilities; checkpointing keeps only block inputs
     assert saved[(True, False)] > saved[(False, False)] > saved[(False, True)] > 0
     assert saved[(True, False)] > saved[(True, True)]
     for r in res:
         assert r["s_per_iter"] > 0 and r["peak_mem_mb"] >= 0
         assert 0 < r["optimizer_ms"] < 1000 * r["s_per_iter"]
-        assert set(r["losses"]) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
-                                    "loss_rpn_box_reg"}
+        assert set(r["losses"]) == {
+            "loss_classifier",
+            "loss_box_reg",
+            "loss_mask",
+            "loss_objectness",
+            "loss_rpn_box_reg",
+        }
 
 
 def test_infer_runs_mask_head_on_100_detections(tool, tmp_path):
-    res = _run(tool, tmp_path, ["--config", DET, "--task", "infer", "--image-size", "64", "--amp", "off",
-                                "--infer-batches", "1,2", "--flops"] + TINY_DET)
+    res = _run(
+        tool,
+        tmp_path,
+        ["--config", DET, "--task", "infer", "--image-size", "64", "--amp", "off", "--infer-batches", "1,2", "--flops"]
+        + TINY_DET,
+    )
     assert [r["batch_size"] for r in res] == [1, 2]
     for r in res:
         assert r["detections_per_image"] == [100] * r["batch_size"]
@@ -82,9 +145,24 @@ def test_data_pipeline(tool, tmp_path):
     json_file, images = DatasetCatalog.get("fruits_nuts")
     if not os.path.isfile(json_file):
         pytest.skip(f"shared test data not found ({json_file})")
-    res = _run(tool, tmp_path, ["--config", DET, "--task", "data", "--workers", "0", "--batch-size", "2",
-                                "data.train.name=fruits_nuts", "data.train.pipeline.image_size=128",
-                                "--decode-images", "3"])
+    res = _run(
+        tool,
+        tmp_path,
+        [
+            "--config",
+            DET,
+            "--task",
+            "data",
+            "--workers",
+            "0",
+            "--batch-size",
+            "2",
+            "data.train.name=fruits_nuts",
+            "data.train.pipeline.image_size=128",
+            "--decode-images",
+            "3",
+        ],
+    )
     (r,) = res
     assert r["images_per_s"] > 0 and r["batch_size"] == 2 and r["workers"] == 0 and r["dataset_size"] == 18
     d = r["decode"]  # the three decoders ran on the same 3 files and agreed on every size
@@ -98,10 +176,32 @@ def test_ddp_allreduce_two_processes(tmp_path):
     import sys
 
     out = tmp_path / "ddp.json"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--config", MAE, "--task", "ddp",
-                        "--procs", "2", "--iters", "2", "--warmup", "1", "--json", str(out),
-                        "--compare", "train.ddp_grad_compression=none,bf16", "model.depth=1", "model.decoder_depth=1"],
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "benchmark.py"),
+            "--config",
+            MAE,
+            "--task",
+            "ddp",
+            "--procs",
+            "2",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+            "--compare",
+            "train.ddp_grad_compression=none,bf16",
+            "model.depth=1",
+            "model.decoder_depth=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
     assert [r["ddp_grad_compression"] for r in res] == ["none", "bf16"]

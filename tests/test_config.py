@@ -1,4 +1,5 @@
 """Config loading: _base_ inheritance, overrides, schema validation, errors naming key and file."""
+
 import os
 
 import pytest
@@ -17,7 +18,7 @@ def _write(path, text):
 
 def test_base_inheritance_and_overrides(tmp_path):
     sizes = "img_size: 32, patch_size: 16, decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2"
-    _write(tmp_path / "a.yaml", "model: {depth: 3, embed_dim: 96, %s}\ntrain: {batch_size: 5}\n" % sizes)
+    _write(tmp_path / "a.yaml", f"model: {{depth: 3, embed_dim: 96, {sizes}}}\ntrain: {{batch_size: 5}}\n")
     _write(tmp_path / "b.yaml", "model: {num_heads: 2}\n")
     sub = tmp_path / "sub"
     sub.mkdir()
@@ -90,13 +91,16 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("name,schema", [
-    ("mae/mae_vit_base_patch16.yaml", PretrainConfig),
-    ("mae/mae_vit_large_patch16.yaml", PretrainConfig),
-    ("mae/mae_vit_huge_patch14.yaml", PretrainConfig),
-    ("coco/mask_rcnn_vit_b_100ep.yaml", DetectionConfig),
-    ("coco/mask_rcnn_vit_h_75ep_frozen.yaml", DetectionConfig),
-])
+@pytest.mark.parametrize(
+    "name,schema",
+    [
+        ("mae/mae_vit_base_patch16.yaml", PretrainConfig),
+        ("mae/mae_vit_large_patch16.yaml", PretrainConfig),
+        ("mae/mae_vit_huge_patch14.yaml", PretrainConfig),
+        ("coco/mask_rcnn_vit_b_100ep.yaml", DetectionConfig),
+        ("coco/mask_rcnn_vit_h_75ep_frozen.yaml", DetectionConfig),
+    ],
+)
 def test_shipped_configs_hold_the_recipes(name, schema):
     cfg = load_config(os.path.join(REPO, "configs", name), [], schema)
     if schema is PretrainConfig:

@@ -7,6 +7,7 @@ detectron2 ``modeling/backbone/vit.py``, ``proposal_generator/rpn.py``,
 ``configs/common/models/mask_rcnn_vitdet.py``), not from the converter.
 Large models (ViT-B/L/H) are only ever built on the ``meta`` device.
 """
+
 import argparse
 import importlib.util
 import os
@@ -20,8 +21,13 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from maedet.builders import build_detection_model, build_mae_model, detection_layout, load_detection_config
-from maedet.builders import load_pretrain_config
+from maedet.builders import (
+    build_detection_model,
+    build_mae_model,
+    detection_layout,
+    load_detection_config,
+    load_pretrain_config,
+)
 from maedet.checkpoint.convert import ConversionOptions, convert_checkpoint
 from maedet.checkpoint.formats.detectron2 import d2_key_to_maedet, d2_to_maedet_det, maedet_det_to_d2, maedet_key_to_d2
 from maedet.checkpoint.formats.mae import resize_patch_embed
@@ -40,9 +46,11 @@ MAE_CONFIGS = {
     "mae_vit_large_patch16": "configs/mae/mae_vit_large_patch16.yaml",
     "mae_vit_huge_patch14": "configs/mae/mae_vit_huge_patch14.yaml",
 }
-DET_CONFIGS = {"vit_base": "configs/coco/mask_rcnn_vit_b_100ep.yaml",
-               "vit_large": "configs/coco/mask_rcnn_vit_l_100ep.yaml",
-               "vit_huge": "configs/coco/mask_rcnn_vit_h_75ep.yaml"}
+DET_CONFIGS = {
+    "vit_base": "configs/coco/mask_rcnn_vit_b_100ep.yaml",
+    "vit_large": "configs/coco/mask_rcnn_vit_l_100ep.yaml",
+    "vit_huge": "configs/coco/mask_rcnn_vit_h_75ep.yaml",
+}
 
 
 def mae_model(name, **overrides):
@@ -58,8 +66,14 @@ def det_config(name, overrides=()):
 def encoder_arch(config):
     """The encoder architecture a config describes (what --config checks against)."""
     m = load_pretrain_config(os.path.join(REPO, config)).model
-    return {"embed_dim": m.embed_dim, "depth": m.depth, "patch_size": m.patch_size, "mlp_ratio": m.mlp_ratio,
-            "num_heads": m.num_heads, "name": f"--config {config}"}
+    return {
+        "embed_dim": m.embed_dim,
+        "depth": m.depth,
+        "patch_size": m.patch_size,
+        "mlp_ratio": m.mlp_ratio,
+        "num_heads": m.num_heads,
+        "name": f"--config {config}",
+    }
 
 
 # =========================================================================== reference layouts (DATA)
@@ -75,14 +89,22 @@ def ref_vit_encoder(C, depth, patch, grid, hidden):
     }
     for i in range(depth):
         b = f"blocks.{i}."
-        d.update({
-            b + "norm1.weight": (C,), b + "norm1.bias": (C,),
-            b + "attn.qkv.weight": (3 * C, C), b + "attn.qkv.bias": (3 * C,),
-            b + "attn.proj.weight": (C, C), b + "attn.proj.bias": (C,),
-            b + "norm2.weight": (C,), b + "norm2.bias": (C,),
-            b + "mlp.fc1.weight": (hidden, C), b + "mlp.fc1.bias": (hidden,),
-            b + "mlp.fc2.weight": (C, hidden), b + "mlp.fc2.bias": (C,),
-        })
+        d.update(
+            {
+                b + "norm1.weight": (C,),
+                b + "norm1.bias": (C,),
+                b + "attn.qkv.weight": (3 * C, C),
+                b + "attn.qkv.bias": (3 * C,),
+                b + "attn.proj.weight": (C, C),
+                b + "attn.proj.bias": (C,),
+                b + "norm2.weight": (C,),
+                b + "norm2.bias": (C,),
+                b + "mlp.fc1.weight": (hidden, C),
+                b + "mlp.fc1.bias": (hidden,),
+                b + "mlp.fc2.weight": (C, hidden),
+                b + "mlp.fc2.bias": (C,),
+            }
+        )
     d["norm.weight"] = (C,)
     d["norm.bias"] = (C,)
     return d
@@ -93,20 +115,31 @@ def ref_mae_decoder(C, patch, grid, D=512, depth=8):
     d = {
         "mask_token": (1, 1, D),
         "decoder_pos_embed": (1, 1 + grid * grid, D),
-        "decoder_embed.weight": (D, C), "decoder_embed.bias": (D,),
-        "decoder_norm.weight": (D,), "decoder_norm.bias": (D,),
-        "decoder_pred.weight": (patch * patch * 3, D), "decoder_pred.bias": (patch * patch * 3,),
+        "decoder_embed.weight": (D, C),
+        "decoder_embed.bias": (D,),
+        "decoder_norm.weight": (D,),
+        "decoder_norm.bias": (D,),
+        "decoder_pred.weight": (patch * patch * 3, D),
+        "decoder_pred.bias": (patch * patch * 3,),
     }
     for i in range(depth):
         b = f"decoder_blocks.{i}."
-        d.update({
-            b + "norm1.weight": (D,), b + "norm1.bias": (D,),
-            b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,),
-            b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
-            b + "norm2.weight": (D,), b + "norm2.bias": (D,),
-            b + "mlp.fc1.weight": (4 * D, D), b + "mlp.fc1.bias": (4 * D,),
-            b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,),
-        })
+        d.update(
+            {
+                b + "norm1.weight": (D,),
+                b + "norm1.bias": (D,),
+                b + "attn.qkv.weight": (3 * D, D),
+                b + "attn.qkv.bias": (3 * D,),
+                b + "attn.proj.weight": (D, D),
+                b + "attn.proj.bias": (D,),
+                b + "norm2.weight": (D,),
+                b + "norm2.bias": (D,),
+                b + "mlp.fc1.weight": (4 * D, D),
+                b + "mlp.fc1.bias": (4 * D,),
+                b + "mlp.fc2.weight": (D, 4 * D),
+                b + "mlp.fc2.bias": (D,),
+            }
+        )
     return d
 
 
@@ -129,15 +162,24 @@ def ref_d2_vitdet(C, depth, heads, global_blocks, K=80, img=1024, patch=16, wind
     for i in range(depth):
         b = f"backbone.net.blocks.{i}."
         L = 2 * (img // patch) - 1 if i in global_blocks else 2 * window - 1
-        d.update({
-            b + "norm1.weight": (C,), b + "norm1.bias": (C,),
-            b + "attn.qkv.weight": (3 * C, C), b + "attn.qkv.bias": (3 * C,),
-            b + "attn.rel_pos_h": (L, hd), b + "attn.rel_pos_w": (L, hd),
-            b + "attn.proj.weight": (C, C), b + "attn.proj.bias": (C,),
-            b + "norm2.weight": (C,), b + "norm2.bias": (C,),
-            b + "mlp.fc1.weight": (4 * C, C), b + "mlp.fc1.bias": (4 * C,),
-            b + "mlp.fc2.weight": (C, 4 * C), b + "mlp.fc2.bias": (C,),
-        })
+        d.update(
+            {
+                b + "norm1.weight": (C,),
+                b + "norm1.bias": (C,),
+                b + "attn.qkv.weight": (3 * C, C),
+                b + "attn.qkv.bias": (3 * C,),
+                b + "attn.rel_pos_h": (L, hd),
+                b + "attn.rel_pos_w": (L, hd),
+                b + "attn.proj.weight": (C, C),
+                b + "attn.proj.bias": (C,),
+                b + "norm2.weight": (C,),
+                b + "norm2.bias": (C,),
+                b + "mlp.fc1.weight": (4 * C, C),
+                b + "mlp.fc1.bias": (4 * C,),
+                b + "mlp.fc2.weight": (C, 4 * C),
+                b + "mlp.fc2.bias": (C,),
+            }
+        )
 
     def conv_ln(name, cout, cin, k):  # detectron2 Conv2d(bias=False, norm=LN)
         d[name + ".weight"] = (cout, cin, k, k)
@@ -241,10 +283,18 @@ def tiny_mae():
 
 
 # A small ViTDet Mask R-CNN: ViT-tiny, 64-channel pyramid and heads, 3 classes.
-TINY_DET = ["model.backbone.embed_dim=192", "model.backbone.depth=4", "model.backbone.num_heads=3",
-            "model.backbone.global_blocks=[1,3]", "model.backbone.img_size=128", "model.neck.out_channels=64",
-            "model.neck.square_pad=128", "model.roi_heads.box_head_conv_dims=[64,64,64,64]",
-            "model.roi_heads.box_head_fc_dims=[128]", "model.roi_heads.mask_head_conv_dims=[64,64,64,64]"]
+TINY_DET = [
+    "model.backbone.embed_dim=192",
+    "model.backbone.depth=4",
+    "model.backbone.num_heads=3",
+    "model.backbone.global_blocks=[1,3]",
+    "model.backbone.img_size=128",
+    "model.neck.out_channels=64",
+    "model.neck.square_pad=128",
+    "model.roi_heads.box_head_conv_dims=[64,64,64,64]",
+    "model.roi_heads.box_head_fc_dims=[128]",
+    "model.roi_heads.mask_head_conv_dims=[64,64,64,64]",
+]
 
 
 def tiny_det_config():
@@ -311,7 +361,8 @@ def test_detectron2_key_map_matches_reference(size):
     assert shapes(d2) == ref  # same keys, same shapes
     assert not rep.missing and not rep.unexpected and len(rep.loaded) == len(ours)
     assert shapes(background) == {
-        "roi_heads.box_predictor.bbox_pred.weight": (4, 1024), "roi_heads.box_predictor.bbox_pred.bias": (4,),
+        "roi_heads.box_predictor.bbox_pred.weight": (4, 1024),
+        "roi_heads.box_predictor.bbox_pred.bias": (4,),
         "roi_heads.mask_predictor.mask_fcn_logits.weight": (1, 256, 1, 1),
         "roi_heads.mask_predictor.mask_fcn_logits.bias": (1,),
     }
@@ -347,12 +398,19 @@ def test_key_map_single_rpn_conv():
 
 def test_encoder_round_trip_is_exact(tmp_path, tiny_mae):
     enc = tiny_mae.encoder_state_dict()
-    torch.save({"model": enc, "meta": {"format": "maedet-mae-encoder", "num_heads": 3, "embed_dim": 192}},
-               tmp_path / "encoder_final.pth")
+    torch.save(
+        {"model": enc, "meta": {"format": "maedet-mae-encoder", "num_heads": 3, "embed_dim": 192}},
+        tmp_path / "encoder_final.pth",
+    )
     r1 = convert_checkpoint(str(tmp_path / "encoder_final.pth"), "mae", "timm", str(tmp_path / "timm.pth"))
     # heads are not in the weights: a timm file gets them back from the config of the architecture
-    r2 = convert_checkpoint(str(tmp_path / "timm.pth"), "timm", "mae", str(tmp_path / "mae.pth"),
-                            options=ConversionOptions(expected=encoder_arch(MAE_CONFIGS["mae_vit_tiny_patch16"])))
+    r2 = convert_checkpoint(
+        str(tmp_path / "timm.pth"),
+        "timm",
+        "mae",
+        str(tmp_path / "mae.pth"),
+        options=ConversionOptions(expected=encoder_arch(MAE_CONFIGS["mae_vit_tiny_patch16"])),
+    )
     assert not r1.report.changed and not r2.report.changed
     timm_sd = torch.load(tmp_path / "timm.pth", weights_only=True)
     back = torch.load(tmp_path / "mae.pth", weights_only=True)
@@ -365,7 +423,9 @@ def test_encoder_round_trip_is_exact(tmp_path, tiny_mae):
     # timm's hub format
     convert_checkpoint(str(tmp_path / "mae.pth"), "mae", "timm", str(tmp_path / "model.safetensors"))
     res = convert_checkpoint(str(tmp_path / "model.safetensors"), "timm", "mae")
-    assert all(torch.equal(res.checkpoint["model"][k], enc[k]) for k in enc) and len(res.checkpoint["model"]) == len(enc)
+    assert all(torch.equal(res.checkpoint["model"][k], enc[k]) for k in enc) and len(res.checkpoint["model"]) == len(
+        enc
+    )
 
     # maedet pretraining checkpoint (decoder + optimizer state) -> encoder only
     opt = torch.optim.AdamW(tiny_mae.parameters())
@@ -379,8 +439,12 @@ def test_encoder_round_trip_is_exact(tmp_path, tiny_mae):
 @pytest.mark.parametrize("ext", [".pth", ".pkl"])
 def test_detection_round_trip_is_exact(tmp_path, tiny_det, ext):
     sd = tiny_det.state_dict()
-    meta = {"format": "maedet-vitdet", "num_classes": 3, "class_names": ["a", "b", "c"],
-            "label_to_cat_id": {1: 1, 2: 5, 3: 9}}
+    meta = {
+        "format": "maedet-vitdet",
+        "num_classes": 3,
+        "class_names": ["a", "b", "c"],
+        "label_to_cat_id": {1: 1, 2: 5, 3: 9},
+    }
     torch.save({"model": sd, "meta": meta}, tmp_path / "model_final.pth")
     d2_path = str(tmp_path / ("d2" + ext))
     r1 = convert_checkpoint(str(tmp_path / "model_final.pth"), "maedet-det", "d2-vitdet", d2_path)
@@ -416,8 +480,12 @@ def test_detectron2_heads_give_the_same_predictions(tiny_det):
     rh = tiny_det.roi_heads
     with torch.no_grad():
         logits, deltas = rh.box_predictor(x)
-        d2_logits = F.linear(x, d2["roi_heads.box_predictor.cls_score.weight"], d2["roi_heads.box_predictor.cls_score.bias"])
-        d2_deltas = F.linear(x, d2["roi_heads.box_predictor.bbox_pred.weight"], d2["roi_heads.box_predictor.bbox_pred.bias"])
+        d2_logits = F.linear(
+            x, d2["roi_heads.box_predictor.cls_score.weight"], d2["roi_heads.box_predictor.cls_score.bias"]
+        )
+        d2_deltas = F.linear(
+            x, d2["roi_heads.box_predictor.bbox_pred.weight"], d2["roi_heads.box_predictor.bbox_pred.bias"]
+        )
         # detectron2: probs[:, :K] are the K classes, the last column background
         assert torch.allclose(F.softmax(d2_logits, -1)[:, :K], F.softmax(logits, -1)[:, 1:], atol=1e-6)
         assert torch.allclose(F.softmax(d2_logits, -1)[:, K], F.softmax(logits, -1)[:, 0], atol=1e-6)
@@ -429,24 +497,59 @@ def test_detectron2_heads_give_the_same_predictions(tiny_det):
         h = feats
         for i in range(1, 5):  # detectron2 MaskRCNNConvUpsampleHead.layers
             h = F.conv2d(h, d2[f"roi_heads.mask_head.mask_fcn{i}.weight"], padding=1)
-            h = F.layer_norm(h.permute(0, 2, 3, 1), (64,), d2[f"roi_heads.mask_head.mask_fcn{i}.norm.weight"],
-                             d2[f"roi_heads.mask_head.mask_fcn{i}.norm.bias"], eps=1e-6).permute(0, 3, 1, 2)
+            h = F.layer_norm(
+                h.permute(0, 2, 3, 1),
+                (64,),
+                d2[f"roi_heads.mask_head.mask_fcn{i}.norm.weight"],
+                d2[f"roi_heads.mask_head.mask_fcn{i}.norm.bias"],
+                eps=1e-6,
+            ).permute(0, 3, 1, 2)
             h = F.relu(h)
-        h = F.relu(F.conv_transpose2d(h, d2["roi_heads.mask_head.deconv.weight"], d2["roi_heads.mask_head.deconv.bias"], stride=2))
+        h = F.relu(
+            F.conv_transpose2d(
+                h, d2["roi_heads.mask_head.deconv.weight"], d2["roi_heads.mask_head.deconv.bias"], stride=2
+            )
+        )
         d2_masks = F.conv2d(h, d2["roi_heads.mask_head.predictor.weight"], d2["roi_heads.mask_head.predictor.bias"])
         assert torch.allclose(d2_masks, masks[:, 1:], atol=1e-5)
 
         # RPN: relu(conv0) -> relu(conv1) -> objectness / anchor deltas
         p = torch.randn(1, 64, 8, 8)
         obj, dl = tiny_det.rpn.head([p])
-        t = F.relu(F.conv2d(p, d2["proposal_generator.rpn_head.conv.conv0.weight"],
-                            d2["proposal_generator.rpn_head.conv.conv0.bias"], padding=1))
-        t = F.relu(F.conv2d(t, d2["proposal_generator.rpn_head.conv.conv1.weight"],
-                            d2["proposal_generator.rpn_head.conv.conv1.bias"], padding=1))
-        assert torch.allclose(F.conv2d(t, d2["proposal_generator.rpn_head.objectness_logits.weight"],
-                                       d2["proposal_generator.rpn_head.objectness_logits.bias"]), obj[0], atol=1e-5)
-        assert torch.allclose(F.conv2d(t, d2["proposal_generator.rpn_head.anchor_deltas.weight"],
-                                       d2["proposal_generator.rpn_head.anchor_deltas.bias"]), dl[0], atol=1e-5)
+        t = F.relu(
+            F.conv2d(
+                p,
+                d2["proposal_generator.rpn_head.conv.conv0.weight"],
+                d2["proposal_generator.rpn_head.conv.conv0.bias"],
+                padding=1,
+            )
+        )
+        t = F.relu(
+            F.conv2d(
+                t,
+                d2["proposal_generator.rpn_head.conv.conv1.weight"],
+                d2["proposal_generator.rpn_head.conv.conv1.bias"],
+                padding=1,
+            )
+        )
+        assert torch.allclose(
+            F.conv2d(
+                t,
+                d2["proposal_generator.rpn_head.objectness_logits.weight"],
+                d2["proposal_generator.rpn_head.objectness_logits.bias"],
+            ),
+            obj[0],
+            atol=1e-5,
+        )
+        assert torch.allclose(
+            F.conv2d(
+                t,
+                d2["proposal_generator.rpn_head.anchor_deltas.weight"],
+                d2["proposal_generator.rpn_head.anchor_deltas.bias"],
+            ),
+            dl[0],
+            atol=1e-5,
+        )
 
 
 # =========================================================================== same features as timm
@@ -536,8 +639,12 @@ def test_model_zoo_pkl_loads_weights_only_and_converts(tmp_path, tiny_det):
     for protocol in (2, 4):  # detectron2 model-zoo files: protocol 2 (bytes via _codecs.encode) or newer
         with open(tmp_path / f"model_final_p{protocol}.pkl", "wb") as f:
             pickle.dump(zoo, f, protocol=protocol)
-        res = convert_checkpoint(str(tmp_path / f"model_final_p{protocol}.pkl"), "d2-vitdet", "maedet-det",
-                                 options=ConversionOptions(layout=tiny_layout(), class_names=["x", "y", "z"]))
+        res = convert_checkpoint(
+            str(tmp_path / f"model_final_p{protocol}.pkl"),
+            "d2-vitdet",
+            "maedet-det",
+            options=ConversionOptions(layout=tiny_layout(), class_names=["x", "y", "z"]),
+        )
         assert len(res.checkpoint["model"]) == len(sd)
     out = res.checkpoint["model"]
     assert set(res.report.dropped) == {"pixel_mean", "pixel_std"}
@@ -558,7 +665,7 @@ def test_model_zoo_pkl_loads_weights_only_and_converts(tmp_path, tiny_det):
     agn["roi_heads.box_predictor.bbox_pred.bias"] = agn["roi_heads.box_predictor.bbox_pred.bias"][:4]
     res = convert_checkpoint({"model": agn}, "d2-vitdet", "maedet-det", options=ConversionOptions(layout=tiny_layout()))
     w = res.checkpoint["model"]["roi_heads.box_predictor.bbox_pred.weight"]
-    assert w.shape == (16, 128) and all(torch.equal(w[4 * i:4 * i + 4], w[:4]) for i in range(4))
+    assert w.shape == (16, 128) and all(torch.equal(w[4 * i : 4 * i + 4], w[:4]) for i in range(4))
 
 
 def test_object_pickles_are_refused_with_advice(tmp_path, tiny_det):
@@ -568,15 +675,25 @@ def test_object_pickles_are_refused_with_advice(tmp_path, tiny_det):
         pickle.dump(obj, f, protocol=2)
     with pytest.raises(CheckpointError, match=r"obj\.pkl.*argparse\.Namespace.*--trust"):
         convert_checkpoint(str(tmp_path / "obj.pkl"), "d2-vitdet", "maedet-det")
-    res = convert_checkpoint(str(tmp_path / "obj.pkl"), "d2-vitdet", "maedet-det", trust=True,
-                             options=ConversionOptions(layout=tiny_layout()))
+    res = convert_checkpoint(
+        str(tmp_path / "obj.pkl"),
+        "d2-vitdet",
+        "maedet-det",
+        trust=True,
+        options=ConversionOptions(layout=tiny_layout()),
+    )
     assert len(res.checkpoint["model"]) == len(d2)
 
     torch.save({"model": d2, "cfg": argparse.Namespace(a=1)}, tmp_path / "obj.pth")
     with pytest.raises(CheckpointError, match=r"obj\.pth.*--trust"):
         convert_checkpoint(str(tmp_path / "obj.pth"), "d2-vitdet", "maedet-det")
-    assert convert_checkpoint(str(tmp_path / "obj.pth"), "d2-vitdet", "maedet-det", trust=True,
-                              options=ConversionOptions(layout=tiny_layout())).report.loaded
+    assert convert_checkpoint(
+        str(tmp_path / "obj.pth"),
+        "d2-vitdet",
+        "maedet-det",
+        trust=True,
+        options=ConversionOptions(layout=tiny_layout()),
+    ).report.loaded
 
 
 def test_coco_class_table():
@@ -606,9 +723,22 @@ def _run_in_process(capsys, argv):
 def test_cli_success(tmp_path, tiny_mae):
     torch.save({"model": tiny_mae.encoder_state_dict()}, tmp_path / "enc.pth")
     ok = subprocess.run(
-        [sys.executable, TOOL, "--from", "mae", "--to", "timm", str(tmp_path / "enc.pth"), str(tmp_path / "t.pth"),
-         "--img-size", "320"],
-        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=120,
+        [
+            sys.executable,
+            TOOL,
+            "--from",
+            "mae",
+            "--to",
+            "timm",
+            str(tmp_path / "enc.pth"),
+            str(tmp_path / "t.pth"),
+            "--img-size",
+            "320",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        timeout=120,
     )
     assert ok.returncode == 0, ok.stderr
     assert "| loaded     |    54 |" in ok.stdout and "changed pos_embed" in ok.stdout
@@ -618,8 +748,18 @@ def test_cli_success(tmp_path, tiny_mae):
 def test_cli_wrong_model_size(tmp_path, tiny_mae, capsys):
     torch.save({"model": tiny_mae.encoder_state_dict()}, tmp_path / "enc.pth")
     code, out, err = _run_in_process(
-        capsys, ["--from", "mae", "--to", "timm", str(tmp_path / "enc.pth"), str(tmp_path / "b.pth"),
-                 "--config", os.path.join(REPO, "configs/mae/mae_vit_base_patch16.yaml")])
+        capsys,
+        [
+            "--from",
+            "mae",
+            "--to",
+            "timm",
+            str(tmp_path / "enc.pth"),
+            str(tmp_path / "b.pth"),
+            "--config",
+            os.path.join(REPO, "configs/mae/mae_vit_base_patch16.yaml"),
+        ],
+    )
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
@@ -646,8 +786,9 @@ def test_cli_errors_name_file_and_key(tmp_path, tiny_det, tiny_mae, capsys):
     bad["roi_heads.box_head.fc1.weight"] = torch.zeros(128, 100)
     torch.save({"model": bad}, tmp_path / "bad.pth")
     code, out, err = _run_in_process(
-        capsys, ["--from", "d2-vitdet", "--to", "maedet-det", str(tmp_path / "bad.pth"), str(tmp_path / "o.pth"),
-                 *config])
+        capsys,
+        ["--from", "d2-vitdet", "--to", "maedet-det", str(tmp_path / "bad.pth"), str(tmp_path / "o.pth"), *config],
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:")
     assert str(tmp_path / "bad.pth") in err and "'roi_heads.box_head.fc1.weight'" in err
     assert not (tmp_path / "o.pth").exists()
@@ -656,8 +797,9 @@ def test_cli_errors_name_file_and_key(tmp_path, tiny_det, tiny_mae, capsys):
     missing = {k: v for k, v in d2.items() if k != "roi_heads.mask_head.deconv.weight"}
     torch.save({"model": missing}, tmp_path / "missing.pth")
     code, _, err = _run_in_process(
-        capsys, ["--from", "d2-vitdet", "--to", "maedet-det", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth"),
-                 *config])
+        capsys,
+        ["--from", "d2-vitdet", "--to", "maedet-det", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth"), *config],
+    )
     assert code == 2 and "'roi_heads.mask_head.deconv.weight'" in err and str(tmp_path / "missing.pth") in err
     assert not (tmp_path / "o.pth").exists()
 
@@ -666,22 +808,26 @@ def test_cli_errors_name_file_and_key(tmp_path, tiny_det, tiny_mae, capsys):
     enc["blocks.2.mlp.fc1.weight"] = torch.zeros(100, 192)
     torch.save({"model": enc}, tmp_path / "enc_bad.pth")
     code, _, err = _run_in_process(
-        capsys, ["--from", "mae", "--to", "timm", str(tmp_path / "enc_bad.pth"), str(tmp_path / "o.pth")])
+        capsys, ["--from", "mae", "--to", "timm", str(tmp_path / "enc_bad.pth"), str(tmp_path / "o.pth")]
+    )
     assert code == 2 and "'blocks.2.mlp.fc1.weight'" in err and str(tmp_path / "enc_bad.pth") in err
 
     # wrong format / unsupported pair
     torch.save({"model": tiny_det.state_dict()}, tmp_path / "det.pth")
     code, _, err = _run_in_process(
-        capsys, ["--from", "d2-vitdet", "--to", "maedet-det", str(tmp_path / "det.pth"), str(tmp_path / "o.pth"),
-                 *config])
+        capsys,
+        ["--from", "d2-vitdet", "--to", "maedet-det", str(tmp_path / "det.pth"), str(tmp_path / "o.pth"), *config],
+    )
     assert code == 2 and "--from maedet-det" in err
     code, _, err = _run_in_process(
-        capsys, ["--from", "timm", "--to", "d2-vitdet", str(tmp_path / "det.pth"), str(tmp_path / "o.pth")])
+        capsys, ["--from", "timm", "--to", "d2-vitdet", str(tmp_path / "det.pth"), str(tmp_path / "o.pth")]
+    )
     assert code == 2 and "not supported" in err
     assert not (tmp_path / "o.pth").exists()
 
     # success in-process: report table on stdout
     code, out, _ = _run_in_process(
-        capsys, ["--from", "maedet-det", "--to", "d2-vitdet", str(tmp_path / "det.pth"), str(tmp_path / "d2.pkl")])
+        capsys, ["--from", "maedet-det", "--to", "d2-vitdet", str(tmp_path / "det.pth"), str(tmp_path / "d2.pkl")]
+    )
     assert code == 0 and "| loaded     |" in out and "background row moved" in out
     assert (tmp_path / "d2.pkl").exists()

@@ -1,11 +1,12 @@
 """Tests of maedet.data on the real COCO-format test data and on generated toy data."""
+
 import copy
 import json
 import os
-import types
 import random
 import subprocess
 import sys
+import types
 import warnings
 
 import cv2
@@ -107,7 +108,9 @@ def test_tight_boxes_convention():
 
 def test_lsj_flip_maps_box_x_to_width_minus_x():
     w = h = 64
-    image = tv_tensors.Image(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    image = tv_tensors.Image(
+        torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    )
     mask = torch.zeros(1, h, w, dtype=torch.uint8)
     mask[0, 5:30, 10:20] = 1
     target = {
@@ -144,7 +147,10 @@ def test_lsj_keeps_small_images_at_top_left_and_the_detector_pads_bottom_right()
     mask[0, 5:30, 10:20] = 1
     target = {
         "boxes": tv_tensors.BoundingBoxes(torch.tensor([[10.0, 5, 20, 30]]), format="XYXY", canvas_size=(40, 60)),
-        "labels": torch.tensor([1]), "masks": tv_tensors.Mask(mask), "image_id": 1, "orig_size": (40, 60),
+        "labels": torch.tensor([1]),
+        "masks": tv_tensors.Mask(mask),
+        "image_id": 1,
+        "orig_size": (40, 60),
     }
     torch.manual_seed(0)
     out, t = lsj(64, 0.5, 0.5, hflip=False)(image, target)
@@ -196,7 +202,9 @@ def test_test_transform_resizes_keeping_aspect(coco128_root):
 
 
 def test_mae_transform_output(coco128_root):
-    img = tv_tensors.Image(torch.from_numpy(read_image_rgb(os.path.join(coco128_root, "train2017", "000000000009.jpg"))).permute(2, 0, 1))
+    img = tv_tensors.Image(
+        torch.from_numpy(read_image_rgb(os.path.join(coco128_root, "train2017", "000000000009.jpg"))).permute(2, 0, 1)
+    )
     torch.manual_seed(0)
     out = build_mae_transform(input_size=48)(img)
     assert out.shape == (3, 48, 48) and out.dtype == torch.float32
@@ -303,7 +311,9 @@ def test_uncompressed_rle_decodes_to_annotation_area(coco128_root, tmp_path):
     expected = decode_uncompressed_rle(ann["segmentation"])
     assert np.array_equal(target["masks"][0].numpy(), expected)
     x, y, w, h = ann["bbox"]
-    assert torch.allclose(masks_to_tight_boxes(target["masks"])[0], torch.tensor([x, y, x + w, y + h], dtype=torch.float32), atol=1.0)
+    assert torch.allclose(
+        masks_to_tight_boxes(target["masks"])[0], torch.tensor([x, y, x + w, y + h], dtype=torch.float32), atol=1.0
+    )
     # COCO's crowd "area" was computed before rasterization: it matches only roughly
     full = CocoInstanceDataset(json_file, image_root, filter_empty=False)
     for a in crowd:
@@ -313,7 +323,9 @@ def test_uncompressed_rle_decodes_to_annotation_area(coco128_root, tmp_path):
 
 
 def test_compressed_rle_and_polygons_on_toy(toy_dir):
-    ds = CocoInstanceDataset(os.path.join(toy_dir, "annotations", "instances_train.json"), os.path.join(toy_dir, "train"))
+    ds = CocoInstanceDataset(
+        os.path.join(toy_dir, "annotations", "instances_train.json"), os.path.join(toy_dir, "train")
+    )
     for i in range(len(ds)):
         image, target = ds[i]
         anns = ds.coco.imgToAnns[target["image_id"]]
@@ -333,18 +345,18 @@ def test_infinite_sampler_independent_of_world_size_and_resume():
     one = take(InfiniteSampler(size, seed=5), 5 * global_batch)
     # every epoch is a permutation of the dataset
     for e in range(3):
-        assert sorted(i for i, _ in one[e * size:(e + 1) * size]) == list(range(size))
+        assert sorted(i for i, _ in one[e * size : (e + 1) * size]) == list(range(size))
     assert [i for i, _ in one[:size]] != list(range(size))
     ranks = [take(InfiniteSampler(size, seed=5, rank=r, world_size=2), 5 * global_batch // 2) for r in range(2)]
     per_rank = global_batch // 2
     for b in range(5):
-        union = ranks[0][b * per_rank:(b + 1) * per_rank] + ranks[1][b * per_rank:(b + 1) * per_rank]
-        assert sorted(union) == sorted(one[b * global_batch:(b + 1) * global_batch])
+        union = ranks[0][b * per_rank : (b + 1) * per_rank] + ranks[1][b * per_rank : (b + 1) * per_rank]
+        assert sorted(union) == sorted(one[b * global_batch : (b + 1) * global_batch])
     # equal global positions -> equal (index, seed)
     assert ranks[1][2] == one[1 + 2 * 2]
     # resume
     for k in (0, 7, 13):
-        assert take(InfiniteSampler(size, seed=5, start=k), 12) == one[k:k + 12]
+        assert take(InfiniteSampler(size, seed=5, start=k), 12) == one[k : k + 12]
     resumed = take(InfiniteSampler(size, seed=5, rank=1, world_size=3, start=9), 4)
     assert resumed == [one[9 + 1 + 3 * j] for j in range(4)]
     seeds = [s for _, s in one]
@@ -424,7 +436,9 @@ def test_detection_loaders(toy_dir):
         assert t["masks"].shape == (t["labels"].shape[0], *img.shape[-2:])
     again = next(iter(build_detection_train_loader(ds, batch_size=3, seed=0)))
     assert all(torch.equal(a, b) for a, b in zip(images, again[0]))
-    test_ds = CocoInstanceDataset(json_file, os.path.join(toy_dir, "train"), transforms=resize_shortest_edge(48, 48), filter_empty=False)
+    test_ds = CocoInstanceDataset(
+        json_file, os.path.join(toy_dir, "train"), transforms=resize_shortest_edge(48, 48), filter_empty=False
+    )
     seen = []
     for r in range(3):
         for imgs, tgts in build_detection_test_loader(test_ds, batch_size=2, rank=r, world_size=3):
@@ -440,7 +454,16 @@ def test_catalog_builtins_and_register(monkeypatch, tmp_path, toy_dir, coco128_r
     monkeypatch.setenv("MAEDET_DATASETS", toy_dir.rsplit(os.sep, 1)[0])
     monkeypatch.setenv("MAEDET_TEST_DATA", os.path.dirname(coco128_root))
     names = DatasetCatalog.list()
-    for n in ("coco_2017_train", "coco_2017_val", "coco_mini_train", "coco_mini_val", "coco128", "fruits_nuts", "toy_train", "toy_val"):
+    for n in (
+        "coco_2017_train",
+        "coco_2017_val",
+        "coco_mini_train",
+        "coco_mini_val",
+        "coco128",
+        "fruits_nuts",
+        "toy_train",
+        "toy_val",
+    ):
         assert n in names
     assert DatasetCatalog.get("coco128") == coco128_paths(coco128_root)
     monkeypatch.setenv("MAEDET_DATASETS", str(tmp_path))
@@ -467,6 +490,7 @@ def test_catalog_builtins_and_register(monkeypatch, tmp_path, toy_dir, coco128_r
 def test_catalog_default_test_data_root(monkeypatch):
     monkeypatch.delenv("MAEDET_TEST_DATA", raising=False)
     from maedet.data.catalog import test_data_root
+
     assert os.path.realpath(test_data_root()) == os.path.realpath(os.path.join(REPO_ROOT, "..", "shared", "data"))
 
 
@@ -491,8 +515,14 @@ def test_image_listed_but_absent(tmp_path, toy_dir, toy_json):
     "mutate, pattern",
     [
         (lambda d: d["annotations"][2].update(category_id=999), r"annotation id 3 has category_id 999"),
-        (lambda d: d["annotations"][1].update(segmentation=[[1.0, 2.0, 3.0, 4.0]]), r"annotation id 2 .*degenerate polygon"),
-        (lambda d: d["annotations"][0].update(bbox=[5.0, 5.0, 0.0, 10.0]), r"annotation id 1 .*non-positive width or height"),
+        (
+            lambda d: d["annotations"][1].update(segmentation=[[1.0, 2.0, 3.0, 4.0]]),
+            r"annotation id 2 .*degenerate polygon",
+        ),
+        (
+            lambda d: d["annotations"][0].update(bbox=[5.0, 5.0, 0.0, 10.0]),
+            r"annotation id 1 .*non-positive width or height",
+        ),
         (lambda d: d["images"][1].update(id=d["images"][0]["id"]), r"duplicate image id 1"),
         (lambda d: d.pop("images"), r"missing key 'images'"),
         (lambda d: d.pop("categories"), r"missing key 'categories'"),
@@ -620,12 +650,16 @@ def test_toy_generation_deterministic(tmp_path):
             assert open(os.path.join(a, split, name), "rb").read() == open(os.path.join(b, split, name), "rb").read()
     c = str(tmp_path / "c")
     generate_toy_dataset(c, num_train=6, num_val=2, image_size=80, seed=12)
-    assert open(os.path.join(a, "annotations", "instances_train.json")).read() != open(
-        os.path.join(c, "annotations", "instances_train.json")).read()
+    assert (
+        open(os.path.join(a, "annotations", "instances_train.json")).read()
+        != open(os.path.join(c, "annotations", "instances_train.json")).read()
+    )
 
 
 def test_toy_masks_non_empty_and_disjoint(toy_dir):
-    ds = CocoInstanceDataset(os.path.join(toy_dir, "annotations", "instances_train.json"), os.path.join(toy_dir, "train"))
+    ds = CocoInstanceDataset(
+        os.path.join(toy_dir, "annotations", "instances_train.json"), os.path.join(toy_dir, "train")
+    )
     assert len(ds) == 8 and ds.class_names == ["circle", "triangle", "square"]
     labels = set()
     for i in range(len(ds)):
@@ -641,8 +675,20 @@ def test_toy_masks_non_empty_and_disjoint(toy_dir):
 
 def test_prepare_toy_script(tmp_path):
     out = str(tmp_path / "toy")
-    cmd = [sys.executable, os.path.join(REPO_ROOT, "datasets", "prepare_toy.py"), "--output", out,
-           "--num-train", "3", "--num-val", "1", "--size", "64", "--seed", "0"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO_ROOT, "datasets", "prepare_toy.py"),
+        "--output",
+        out,
+        "--num-train",
+        "3",
+        "--num-val",
+        "1",
+        "--size",
+        "64",
+        "--seed",
+        "0",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=60)
     with open(os.path.join(out, "annotations", "instances_train.json")) as f:
         data = json.load(f)

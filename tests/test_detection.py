@@ -1,4 +1,5 @@
 """Detection training: layer-wise lr decay groups, exact resume, DDP equivalence, --eval-only."""
+
 import json
 import os
 import socket
@@ -143,16 +144,45 @@ def _free_port():
 def test_ddp_two_processes_equal_one_with_same_global_batch(tmp_path, toy_root):
     cfg = _cfg_file(tmp_path, toy_root)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    common = ["tools/train_net.py", "--config", cfg, "solver.max_iter=3", "solver.steps=[2]",
-              "train.checkpoint_period=0", "train.batch_size=1"]
+    common = [
+        "tools/train_net.py",
+        "--config",
+        cfg,
+        "solver.max_iter=3",
+        "solver.steps=[2]",
+        "train.checkpoint_period=0",
+        "train.batch_size=1",
+    ]
     # One process: global batch 2 as two accumulated micro-batches, so each image's loss
     # is normalized over its own samples, exactly as on two processes.
-    one = subprocess.run([sys.executable, *common, "--output-dir", str(tmp_path / "one"), "train.accum_steps=2"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, *common, "--output-dir", str(tmp_path / "one"), "train.accum_steps=2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", _free_port(), *common, "--output-dir", str(tmp_path / "two")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            _free_port(),
+            *common,
+            "--output-dir",
+            str(tmp_path / "two"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "model_final.pth")["model"]
     b = torch.load(tmp_path / "two" / "model_final.pth")["model"]
@@ -176,9 +206,23 @@ def test_eval_only_reports_ap_and_writes_results(tmp_path, toy_root):
     setup_logger()
     run_training(cfg, torch.device("cpu"))
     weights = os.path.join(cfg.output_dir, "model_final.pth")
-    r = subprocess.run([sys.executable, "tools/train_net.py", "--config", _cfg_file(tmp_path, toy_root),
-                        "--output-dir", str(tmp_path / "eval"), "--eval-only", f"model.weights={weights}"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "tools/train_net.py",
+            "--config",
+            _cfg_file(tmp_path, toy_root),
+            "--output-dir",
+            str(tmp_path / "eval"),
+            "--eval-only",
+            f"model.weights={weights}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout + r.stderr
     assert "| AP " in out and "bbox" in out and "segm" in out

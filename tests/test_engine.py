@@ -1,4 +1,5 @@
 """Engine pieces: lr schedules, parameter groups, atomic checkpoints, metric logs."""
+
 import json
 import math
 import os
@@ -160,7 +161,9 @@ def test_checkpointer_pointer_and_pruning(tmp_path):
         ck.save(f"model_{it:07d}.pth", {"model": {}, "iter": it})
     assert ck.last_checkpoint_name() == "model_0000030.pth"
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith("model_")) == [
-        "model_0000020.pth", "model_0000030.pth"]
+        "model_0000020.pth",
+        "model_0000030.pth",
+    ]
     assert ck.load_last()["iter"] == 30
 
 

@@ -1,4 +1,5 @@
 """COCO evaluation on the real coco_mini val2017 annotations (79 images, 624 instances)."""
+
 import contextlib
 import copy
 import io
@@ -13,7 +14,6 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maedet.utils.errors import DatasetError
 from maedet.evaluation import (
     COCO_METRIC_NAMES,
     COCOEvaluator,
@@ -21,6 +21,7 @@ from maedet.evaluation import (
     instances_to_coco_json,
     print_coco_table,
 )
+from maedet.utils.errors import DatasetError
 
 try:
     from conftest import require_data
@@ -83,9 +84,7 @@ def gt_as_outputs(coco_gt, cat_to_label, image_id, rng=None, masks=True):
         "labels": torch.tensor(labels, dtype=torch.int64),
     }
     if masks:
-        out["masks"] = (
-            torch.from_numpy(np.stack(ms)).float()[:, None] if n else torch.zeros((0, 1, h, w))
-        )
+        out["masks"] = torch.from_numpy(np.stack(ms)).float()[:, None] if n else torch.zeros((0, 1, h, w))
     return out
 
 
@@ -201,8 +200,12 @@ def test_instances_to_coco_json_maps_categories_and_boxes():
     masks[0, 0, 0, 0] = 0.4  # below threshold
     masks[1, 0, 4:6, 0:8] = 1.0
     recs = instances_to_coco_json(
-        5, torch.tensor([[2.0, 1.0, 5.0, 3.0], [0.0, 4.0, 8.0, 6.0]]), torch.tensor([0.9, 0.3]),
-        torch.tensor([2, 1]), masks, label_to_cat_id=label_to_cat_id,
+        5,
+        torch.tensor([[2.0, 1.0, 5.0, 3.0], [0.0, 4.0, 8.0, 6.0]]),
+        torch.tensor([0.9, 0.3]),
+        torch.tensor([2, 1]),
+        masks,
+        label_to_cat_id=label_to_cat_id,
     )
     assert [r["category_id"] for r in recs] == [90, 7]
     assert recs[0]["bbox"] == [2.0, 1.0, 3.0, 2.0]
@@ -212,20 +215,24 @@ def test_instances_to_coco_json_maps_categories_and_boxes():
     assert m0.shape == (6, 8) and m0.sum() == 6 and m0[1:3, 2:5].all()
     assert mask_util.decode(recs[1]["segmentation"]).sum() == 16
     # (N,H,W) bool masks work the same way; unknown labels are a clear error.
-    recs_b = instances_to_coco_json(5, torch.zeros(2, 4), torch.ones(2), torch.tensor([2, 1]),
-                                    masks[:, 0] > 0.5, label_to_cat_id=label_to_cat_id)
+    recs_b = instances_to_coco_json(
+        5, torch.zeros(2, 4), torch.ones(2), torch.tensor([2, 1]), masks[:, 0] > 0.5, label_to_cat_id=label_to_cat_id
+    )
     assert recs_b[0]["segmentation"] == recs[0]["segmentation"]
     with pytest.raises(DatasetError, match="label 3"):
-        instances_to_coco_json(5, torch.zeros(1, 4), torch.ones(1), torch.tensor([3]),
-                               label_to_cat_id=label_to_cat_id)
+        instances_to_coco_json(5, torch.zeros(1, 4), torch.ones(1), torch.tensor([3]), label_to_cat_id=label_to_cat_id)
 
 
 def test_detections_map_back_to_the_original_image_exactly():
     """The detector maps boxes to the original image (detectron2's detector_postprocess)."""
     from maedet.models.detectors.rcnn import rescale_detections
 
-    out = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 40.0]]), "scores": torch.tensor([0.5]),
-           "labels": torch.tensor([1]), "mask_probs": torch.ones(1, 1, 28, 28)}
+    out = {
+        "boxes": torch.tensor([[10.0, 20.0, 30.0, 40.0]]),
+        "scores": torch.tensor([0.5]),
+        "labels": torch.tensor([1]),
+        "mask_probs": torch.ones(1, 1, 28, 28),
+    }
     # separate x and y factors: (200, 300) -> (500, 450): sy = 2.5, sx = 1.5
     r = rescale_detections(out, (200, 300), (500, 450))
     assert torch.equal(r["boxes"], torch.tensor([[15.0, 50.0, 45.0, 100.0]]))
@@ -264,12 +271,19 @@ def test_empty_predictions_give_zeros(coco_gt, label_maps, tmp_path):
     label_to_cat_id, _ = label_maps
     ids = sorted(coco_gt.getImgIds())[:3]
     ev = COCOEvaluator(coco_gt, label_to_cat_id, output_dir=str(tmp_path))
-    empty = [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
-              "masks": torch.zeros(0, 1, coco_gt.imgs[j]["height"], coco_gt.imgs[j]["width"])} for j in ids]
+    empty = [
+        {
+            "boxes": torch.zeros(0, 4),
+            "scores": torch.zeros(0),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "masks": torch.zeros(0, 1, coco_gt.imgs[j]["height"], coco_gt.imgs[j]["width"]),
+        }
+        for j in ids
+    ]
     ev.process(ids, empty)
     res = ev.evaluate()
     for task in ("bbox", "segm"):
-        assert res[task] == {name: 0.0 for name in COCO_METRIC_NAMES}
+        assert res[task] == dict.fromkeys(COCO_METRIC_NAMES, 0.0)
     with open(tmp_path / "coco_instances_results.json") as f:
         assert json.load(f) == []
     # Nothing processed at all: zeros too.

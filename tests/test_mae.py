@@ -1,5 +1,6 @@
 """Tests for maedet.models.mae: masking, patch layout, loss, position tables,
 checkpoint compatibility with the MAE release and timm, and a short training run."""
+
 import glob
 import math
 import os
@@ -125,9 +126,7 @@ def test_patchify_roundtrip_and_layout():
     assert torch.equal(model.unpatchify(patches), imgs)
 
     # known tensor: each pixel's value encodes its (n, c, y, x) coordinates
-    n_, c_, y_, x_ = torch.meshgrid(
-        torch.arange(2), torch.arange(3), torch.arange(64), torch.arange(64), indexing="ij"
-    )
+    n_, c_, y_, x_ = torch.meshgrid(torch.arange(2), torch.arange(3), torch.arange(64), torch.arange(64), indexing="ij")
     known = (((n_ * 3 + c_) * 64 + y_) * 64 + x_).double()
     pk = model.patchify(known)
     w_grid = 64 // p
@@ -180,7 +179,7 @@ def test_norm_pix_loss_matches_reference():
             for j in range(4):
                 if mask[n, i * 4 + j] == 0:
                     continue
-                patch = im[n, :, i * 16:(i + 1) * 16, j * 16:(j + 1) * 16]  # (c, a, b)
+                patch = im[n, :, i * 16 : (i + 1) * 16, j * 16 : (j + 1) * 16]  # (c, a, b)
                 t = patch.transpose(1, 2, 0).reshape(-1)  # (a, b, c) order
                 t = (t - t.mean()) / math.sqrt(t.var(ddof=1) + 1e-6)
                 total += np.mean((pr[n, i * 4 + j] - t) ** 2)
@@ -251,14 +250,22 @@ def _official_mae_layout(embed_dim, depth, dec_dim, dec_depth, patch, img=224, c
     for prefix, d, n in (("blocks", embed_dim, depth), ("decoder_blocks", dec_dim, dec_depth)):
         for i in range(n):
             b = f"{prefix}.{i}."
-            layout.update({
-                b + "norm1.weight": (d,), b + "norm1.bias": (d,),
-                b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
-                b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
-                b + "norm2.weight": (d,), b + "norm2.bias": (d,),
-                b + "mlp.fc1.weight": (4 * d, d), b + "mlp.fc1.bias": (4 * d,),
-                b + "mlp.fc2.weight": (d, 4 * d), b + "mlp.fc2.bias": (d,),
-            })
+            layout.update(
+                {
+                    b + "norm1.weight": (d,),
+                    b + "norm1.bias": (d,),
+                    b + "attn.qkv.weight": (3 * d, d),
+                    b + "attn.qkv.bias": (3 * d,),
+                    b + "attn.proj.weight": (d, d),
+                    b + "attn.proj.bias": (d,),
+                    b + "norm2.weight": (d,),
+                    b + "norm2.bias": (d,),
+                    b + "mlp.fc1.weight": (4 * d, d),
+                    b + "mlp.fc1.bias": (4 * d,),
+                    b + "mlp.fc2.weight": (d, 4 * d),
+                    b + "mlp.fc2.bias": (d,),
+                }
+            )
     return layout
 
 
@@ -285,7 +292,10 @@ def test_large_huge_layout(factory, args):
 
 def test_factories_registry_and_overrides():
     assert set(MAE_MODELS) == {
-        "mae_vit_tiny_patch16", "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"
+        "mae_vit_tiny_patch16",
+        "mae_vit_base_patch16",
+        "mae_vit_large_patch16",
+        "mae_vit_huge_patch14",
     }
     model = MAE_MODELS["mae_vit_tiny_patch16"](img_size=32, norm_pix_loss=True)
     assert model.norm_pix_loss and model.num_patches == 4 and model.pos_embed.shape == (1, 5, 192)

@@ -1,5 +1,6 @@
 """Predictor and tools/infer.py: original-image coordinates, masks/RLE, input formats,
 batching, threads, and the command line end to end (tiny CPU model)."""
+
 import concurrent.futures
 import copy
 import json
@@ -73,11 +74,21 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     model = build_detection_model(load_detection_config(cfg_path, [], splits=()).model, len(class_names))
     weights = str(d / "model_final.pth")
-    torch.save({"model": model.state_dict(),
-                "meta": {"class_names": class_names, "label_to_cat_id": label_to_cat_id,
-                         "num_classes": len(class_names)}}, weights)
-    return {"config": cfg_path, "weights": weights, "class_names": class_names,
-            "label_to_cat_id": label_to_cat_id, "toy_val": toy["val"], "dir": d}
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "meta": {"class_names": class_names, "label_to_cat_id": label_to_cat_id, "num_classes": len(class_names)},
+        },
+        weights,
+    )
+    return {
+        "config": cfg_path,
+        "weights": weights,
+        "class_names": class_names,
+        "label_to_cat_id": label_to_cat_id,
+        "toy_val": toy["val"],
+        "dir": d,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -110,19 +121,24 @@ class FakeModel(nn.Module):
         outs = []
         for img, (h, w) in zip(images, output_sizes):
             self.seen.append(img.detach().clone())
-            boxes = torch.tensor([[0.1 * w, 0.2 * h, 0.5 * w, 0.9 * h],
-                                  [0.0, 0.0, w, h],
-                                  [0.6 * w, 0.1 * h, w + 7.0, 0.3 * h]])  # sticks out on the right
+            boxes = torch.tensor(
+                [[0.1 * w, 0.2 * h, 0.5 * w, 0.9 * h], [0.0, 0.0, w, h], [0.6 * w, 0.1 * h, w + 7.0, 0.3 * h]]
+            )  # sticks out on the right
             mask_probs = torch.full((3, 1, 28, 28), 0.8)  # each mask fills its box
-            outs.append({"boxes": boxes, "scores": torch.tensor([0.9, 0.3, 0.7]),
-                         "labels": torch.tensor([2, 1, 3]), "mask_probs": mask_probs})
+            outs.append(
+                {
+                    "boxes": boxes,
+                    "scores": torch.tensor([0.9, 0.3, 0.7]),
+                    "labels": torch.tensor([2, 1, 3]),
+                    "mask_probs": mask_probs,
+                }
+            )
         return outs
 
 
 def test_fake_model_outputs_in_original_coordinates():
     fake = FakeModel()
-    p = Predictor(fake, class_names=["cat", "dog", "bird"], label_to_cat_id={1: 17, 2: 18, 3: 44},
-                  score_thresh=0.5)
+    p = Predictor(fake, class_names=["cat", "dog", "bird"], label_to_cat_id={1: 17, 2: 18, 3: 44}, score_thresh=0.5)
     h, w = 70, 110
     img = _random_image(h, w)
     out = p(img)
@@ -137,12 +153,13 @@ def test_fake_model_outputs_in_original_coordinates():
     assert out["class_names"] == ["dog", "bird"]
     assert out["class_ids"].tolist() == [18, 44]
     # boxes unchanged (clipped to the image), masks pasted into their boxes
-    np.testing.assert_allclose(out["boxes"], [[0.1 * w, 0.2 * h, 0.5 * w, 0.9 * h], [0.6 * w, 0.1 * h, w, 0.3 * h]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        out["boxes"], [[0.1 * w, 0.2 * h, 0.5 * w, 0.9 * h], [0.6 * w, 0.1 * h, w, 0.3 * h]], rtol=1e-6
+    )
     assert out["masks"].dtype == np.bool_ and out["masks"].shape == (2, h, w)
     expected = np.zeros((2, h, w), dtype=bool)
-    expected[0, int(0.2 * h):int(0.9 * h), int(0.1 * w):int(0.5 * w)] = True
-    expected[1, int(0.1 * h):int(0.3 * h), int(0.6 * w):] = True
+    expected[0, int(0.2 * h) : int(0.9 * h), int(0.1 * w) : int(0.5 * w)] = True
+    expected[1, int(0.1 * h) : int(0.3 * h), int(0.6 * w) :] = True
     np.testing.assert_array_equal(out["masks"], expected)
     # the same image as BGR array, as uint8 / float tensors, and as a file
     assert_same(p(np.ascontiguousarray(img[:, :, ::-1]), input_format="BGR"), out)
@@ -198,8 +215,8 @@ def test_real_model_nonsquare_image_original_coordinates(predictor, tiny):
     assert any(m.any() for m in out["masks"])
     # class names and COCO ids come from the checkpoint meta (the toy dataset's categories)
     assert predictor.class_names == tiny["class_names"] == ["circle", "triangle", "square"]
-    assert out["class_names"] == [tiny["class_names"][l - 1] for l in out["labels"]]
-    assert out["class_ids"].tolist() == [tiny["label_to_cat_id"][l] for l in out["labels"].tolist()]
+    assert out["class_names"] == [tiny["class_names"][lab - 1] for lab in out["labels"]]
+    assert out["class_ids"].tolist() == [tiny["label_to_cat_id"][lab] for lab in out["labels"].tolist()]
 
 
 def test_rle_decodes_to_the_bool_masks(predictor):
@@ -244,8 +261,13 @@ def test_threads_share_one_predictor(predictor):
 
 
 def test_bf16_autocast_on_cpu(predictor, tiny):
-    p = Predictor(copy.deepcopy(predictor.model), transform=predictor.transform, class_names=tiny["class_names"],
-                  label_to_cat_id=tiny["label_to_cat_id"], amp="bf16")
+    p = Predictor(
+        copy.deepcopy(predictor.model),
+        transform=predictor.transform,
+        class_names=tiny["class_names"],
+        label_to_cat_id=tiny["label_to_cat_id"],
+        amp="bf16",
+    )
     out = p(_random_image(120, 160))
     n = len(out["scores"])
     assert out["boxes"].dtype == np.float32 and out["masks"].shape == (n, 120, 160)
@@ -260,8 +282,9 @@ def test_score_thresh_and_checkpoint_class_names(tiny):
 
 # ------------------------------------------------------------ tools/infer.py
 def _run_infer(*args, cwd=None):
-    return subprocess.run([sys.executable, INFER, *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd or REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, INFER, *args], capture_output=True, text=True, timeout=300, cwd=cwd or REPO_ROOT
+    )
 
 
 def test_infer_tool_end_to_end(tiny, predictor, tmp_path):
@@ -276,10 +299,28 @@ def test_infer_tool_end_to_end(tiny, predictor, tmp_path):
         f.write(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     out_dir = tmp_path / "pictures"
     results = str(out_dir / "results.json")
-    r = _run_infer("--config", tiny["config"], "--weights", tiny["weights"],
-                   "--input", os.path.join(val_dir, "*.jpg"), str(tmp_path / "more"), broken,
-                   "--output", str(out_dir), "--json", results, "--coco-json", val_json,
-                   "--score-thresh", "0.0", "--device", "cpu", "--batch-size", "2")
+    r = _run_infer(
+        "--config",
+        tiny["config"],
+        "--weights",
+        tiny["weights"],
+        "--input",
+        os.path.join(val_dir, "*.jpg"),
+        str(tmp_path / "more"),
+        broken,
+        "--output",
+        str(out_dir),
+        "--json",
+        results,
+        "--coco-json",
+        val_json,
+        "--score-thresh",
+        "0.0",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     assert broken in r.stderr
     assert "5 images, 1 failed" in r.stdout
@@ -315,14 +356,23 @@ def test_infer_tool_end_to_end(tiny, predictor, tmp_path):
     assert (decoded != mine["masks"]).mean() <= 1e-4
     # results can be loaded by pycocotools as detections for the COCO json
     from pycocotools.coco import COCO
+
     gt = COCO(val_json)
     dt = gt.loadRes([r for r in recs if r["file_name"] != extra])
     assert len(dt.getAnnIds()) == len(recs) - sum(r["file_name"] == extra for r in recs)
 
 
 def test_infer_tool_no_input_matched(tiny, tmp_path):
-    r = _run_infer("--config", tiny["config"], "--weights", tiny["weights"],
-                   "--input", str(tmp_path / "nothing" / "*.png"), "--output", str(tmp_path / "o"))
+    r = _run_infer(
+        "--config",
+        tiny["config"],
+        "--weights",
+        tiny["weights"],
+        "--input",
+        str(tmp_path / "nothing" / "*.png"),
+        "--output",
+        str(tmp_path / "o"),
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no input image matched" in errors[0], r.stderr

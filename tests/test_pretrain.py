@@ -1,4 +1,5 @@
 """MAE pretraining runs: exact resume, 2-process DDP equals 1 process, CLI errors."""
+
 import json
 import os
 import signal
@@ -90,8 +91,15 @@ def _run_tool(args, env_extra=None, timeout=300):
     """Run a tool in its own process group; on timeout the whole group (torchrun's
     workers included) is killed, so nothing is left behind."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -107,8 +115,21 @@ def test_ddp_two_processes_equal_one(tmp_path, image_root):
     common = ["--config", str(path), "solver.max_iter=4", "train.checkpoint_period=0"]
     one = _run_tool(["tools/pretrain.py", *common, "--output-dir", str(tmp_path / "one"), "train.batch_size=8"])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _run_tool(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-                     "tools/pretrain.py", *common, "--output-dir", str(tmp_path / "two"), "train.batch_size=4"])
+    two = _run_tool(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            free_port(),
+            "tools/pretrain.py",
+            *common,
+            "--output-dir",
+            str(tmp_path / "two"),
+            "train.batch_size=4",
+        ]
+    )
     assert two.returncode == 0, two.stderr[-3000:] + two.stdout[-3000:]
     a = torch.load(tmp_path / "one" / "encoder_final.pth")["model"]
     b = torch.load(tmp_path / "two" / "encoder_final.pth")["model"]
@@ -121,9 +142,22 @@ def test_ddp_two_processes_equal_one(tmp_path, image_root):
 
     # The same 2-process run with gradients all-reduced in fp16 (train.ddp_grad_compression):
     # close to the uncompressed result, but not bit-equal, so the hook really ran.
-    half = _run_tool(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-                      "tools/pretrain.py", *common, "--output-dir", str(tmp_path / "half"), "train.batch_size=4",
-                      "train.ddp_grad_compression=fp16"])
+    half = _run_tool(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            free_port(),
+            "tools/pretrain.py",
+            *common,
+            "--output-dir",
+            str(tmp_path / "half"),
+            "train.batch_size=4",
+            "train.ddp_grad_compression=fp16",
+        ]
+    )
     assert half.returncode == 0, half.stderr[-3000:] + half.stdout[-3000:]
     assert "DDP gradients all-reduced in fp16" in half.stderr + half.stdout
     c = torch.load(tmp_path / "half" / "encoder_final.pth")["model"]
@@ -132,10 +166,13 @@ def test_ddp_two_processes_equal_one(tmp_path, image_root):
     assert any(not torch.equal(c[k], b[k]) for k in b)
 
 
-@pytest.mark.parametrize("override,needle", [
-    (["model.depthh=2"], "model.depthh"),
-    (["data.root=/nonexistent/images"], "/nonexistent/images"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        (["model.depthh=2"], "model.depthh"),
+        (["data.root=/nonexistent/images"], "/nonexistent/images"),
+    ],
+)
 def test_cli_bad_input_one_error_line(tmp_path, image_root, override, needle):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY % {"root": image_root})
@@ -163,12 +200,31 @@ def test_cli_empty_folder_and_corrupt_image(tmp_path, image_root):
     data = (bad / sorted(os.listdir(bad))[0]).read_bytes()
     (bad / "broken.jpg").write_bytes(data[: len(data) // 2])
     path.write_text(TINY % {"root": str(bad)})
-    r = _run_tool(["tools/pretrain.py", "--config", str(path), "--output-dir", str(tmp_path / "o2"),
-                   "solver.max_iter=3", "train.batch_size=5"])
+    r = _run_tool(
+        [
+            "tools/pretrain.py",
+            "--config",
+            str(path),
+            "--output-dir",
+            str(tmp_path / "o2"),
+            "solver.max_iter=3",
+            "train.batch_size=5",
+        ]
+    )
     assert r.returncode == 2 and "broken.jpg" in r.stderr, r.stderr[-2000:]
     assert not os.path.exists(tmp_path / "o2" / "encoder_final.pth")
-    r = _run_tool(["tools/pretrain.py", "--config", str(path), "--output-dir", str(tmp_path / "o3"),
-                   "solver.max_iter=3", "train.batch_size=5", "data.on_bad_image=skip"])
+    r = _run_tool(
+        [
+            "tools/pretrain.py",
+            "--config",
+            str(path),
+            "--output-dir",
+            str(tmp_path / "o3"),
+            "solver.max_iter=3",
+            "train.batch_size=5",
+            "data.on_bad_image=skip",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "broken.jpg" in r.stdout + r.stderr
     assert os.path.exists(tmp_path / "o3" / "encoder_final.pth")

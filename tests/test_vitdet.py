@@ -2,6 +2,7 @@
 
 Tiny models on CPU; every check compares against an independent computation.
 """
+
 import os
 import re
 
@@ -45,10 +46,22 @@ def tiny_mask_rcnn(vit_overrides=None, num_classes=3):
     """A small ViTDet Mask R-CNN assembled from its parts (the detector takes modules)."""
     neck = SimpleFeaturePyramid(tiny_vit(**(vit_overrides or {})), out_channels=32, square_pad=128)
     shape = neck.output_shape()
-    rpn = RPN(shape, pre_nms_topk_train=200, post_nms_topk_train=64, pre_nms_topk_test=200, post_nms_topk_test=64,
-              batch_size_per_image=64)
-    heads = StandardRoIHeads(shape, num_classes, box_head_conv_dims=(16, 16), box_head_fc_dims=(32,),
-                             mask_head_conv_dims=(16, 16), batch_size_per_image=32)
+    rpn = RPN(
+        shape,
+        pre_nms_topk_train=200,
+        post_nms_topk_train=64,
+        pre_nms_topk_test=200,
+        post_nms_topk_test=64,
+        batch_size_per_image=64,
+    )
+    heads = StandardRoIHeads(
+        shape,
+        num_classes,
+        box_head_conv_dims=(16, 16),
+        box_head_fc_dims=(32,),
+        mask_head_conv_dims=(16, 16),
+        batch_size_per_image=32,
+    )
     return GeneralizedRCNN(backbone=neck, proposal_generator=rpn, roi_heads=heads)
 
 
@@ -137,9 +150,7 @@ def _reference_rel_pos_attention(attn: Attention, x: torch.Tensor) -> torch.Tens
     r_q = q.reshape(B * nh, H, W, -1)
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)
-    scores = (scores.view(-1, H, W, H, W) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(
-        -1, H * W, H * W
-    )
+    scores = (scores.view(-1, H, W, H, W) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(-1, H * W, H * W)
     out = (scores.softmax(dim=-1) @ v).view(B, nh, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
     return attn.proj(out)
 
@@ -207,7 +218,9 @@ def test_vit_names_and_shapes_follow_detectron2():
     from maedet.builders import load_detection_config
 
     for name, depth in (("b_100ep", 12), ("l_100ep", 24), ("h_75ep", 32)):
-        b = load_detection_config(os.path.join(REPO, f"configs/coco/mask_rcnn_vit_{name}.yaml"), splits=()).model.backbone
+        b = load_detection_config(
+            os.path.join(REPO, f"configs/coco/mask_rcnn_vit_{name}.yaml"), splits=()
+        ).model.backbone
         assert b.depth == depth and len(b.global_blocks) == 4 and b.global_blocks[-1] == depth - 1, name
     b = load_detection_config(os.path.join(REPO, "configs/coco/mask_rcnn_vit_b_100ep.yaml"), splits=()).model.backbone
     assert list(b.global_blocks) == [2, 5, 8, 11]
@@ -226,10 +239,21 @@ def test_pyramid_strides_channels_non_square():
     assert fpn.out_channels == 256 and fpn.size_divisibility == 64
     names = set(dict(fpn.named_parameters()))
     # detectron2 layout: scale 4 stage = deconv, LN, GELU, deconv, conv1x1+LN, conv3x3+LN.
-    for k in ("simfp_2.0.weight", "simfp_2.1.weight", "simfp_2.3.weight", "simfp_2.4.weight",
-              "simfp_2.4.norm.weight", "simfp_2.5.norm.bias", "simfp_3.0.weight", "simfp_3.1.weight",
-              "simfp_4.0.weight", "simfp_4.1.norm.weight", "simfp_5.1.weight", "simfp_5.2.norm.bias",
-              "net.blocks.0.attn.qkv.weight"):
+    for k in (
+        "simfp_2.0.weight",
+        "simfp_2.1.weight",
+        "simfp_2.3.weight",
+        "simfp_2.4.weight",
+        "simfp_2.4.norm.weight",
+        "simfp_2.5.norm.bias",
+        "simfp_3.0.weight",
+        "simfp_3.1.weight",
+        "simfp_4.0.weight",
+        "simfp_4.1.norm.weight",
+        "simfp_5.1.weight",
+        "simfp_5.2.norm.bias",
+        "net.blocks.0.attn.qkv.weight",
+    ):
         assert k in names, k
     assert "simfp_2.4.bias" not in names  # conv before LN has no bias
     with pytest.raises(ValueError, match="divisible by 64"):
@@ -343,14 +367,22 @@ def test_frozen_encoder_sgd_step():
         if n.startswith("backbone.net."):
             assert torch.equal(p, before[n]), n
     changed = {n.split(".")[0] + "." + n.split(".")[1] for n, p in after.items() if not torch.equal(p, before[n])}
-    assert {"backbone.simfp_2", "backbone.simfp_5", "rpn.head", "roi_heads.box_head",
-            "roi_heads.mask_head", "roi_heads.box_predictor"} <= changed
+    assert {
+        "backbone.simfp_2",
+        "backbone.simfp_5",
+        "rpn.head",
+        "roi_heads.box_head",
+        "roi_heads.mask_head",
+        "roi_heads.box_predictor",
+    } <= changed
 
 
 def test_freeze_blocks_freezes_exactly_first_k():
     vit = tiny_vit(freeze_blocks=2, drop_path_rate=0.1)
     frozen = {n for n, p in vit.named_parameters() if not p.requires_grad}
-    expected = {n for n, _ in vit.named_parameters() if n.startswith(("patch_embed.", "pos_embed", "blocks.0.", "blocks.1."))}
+    expected = {
+        n for n, _ in vit.named_parameters() if n.startswith(("patch_embed.", "pos_embed", "blocks.0.", "blocks.1."))
+    }
     assert frozen == expected
     vit.train()
     assert vit.training and not vit.patch_embed.training
@@ -401,22 +433,35 @@ def mae_state(embed=32, depth=3, grid=4, heads_dim=None, decoder=True):
     }
     for i in range(depth):
         p = f"blocks.{i}."
-        sd.update({
-            p + "norm1.weight": r(embed), p + "norm1.bias": r(embed),
-            p + "attn.qkv.weight": r(3 * embed, embed), p + "attn.qkv.bias": r(3 * embed),
-            p + "attn.proj.weight": r(embed, embed), p + "attn.proj.bias": r(embed),
-            p + "norm2.weight": r(embed), p + "norm2.bias": r(embed),
-            p + "mlp.fc1.weight": r(4 * embed, embed), p + "mlp.fc1.bias": r(4 * embed),
-            p + "mlp.fc2.weight": r(embed, 4 * embed), p + "mlp.fc2.bias": r(embed),
-        })
+        sd.update(
+            {
+                p + "norm1.weight": r(embed),
+                p + "norm1.bias": r(embed),
+                p + "attn.qkv.weight": r(3 * embed, embed),
+                p + "attn.qkv.bias": r(3 * embed),
+                p + "attn.proj.weight": r(embed, embed),
+                p + "attn.proj.bias": r(embed),
+                p + "norm2.weight": r(embed),
+                p + "norm2.bias": r(embed),
+                p + "mlp.fc1.weight": r(4 * embed, embed),
+                p + "mlp.fc1.bias": r(4 * embed),
+                p + "mlp.fc2.weight": r(embed, 4 * embed),
+                p + "mlp.fc2.bias": r(embed),
+            }
+        )
     sd["norm.weight"] = r(embed)
     sd["norm.bias"] = r(embed)
     if decoder:
-        sd.update({
-            "mask_token": r(1, 1, 16), "decoder_embed.weight": r(16, embed), "decoder_pos_embed": r(1, 17, 16),
-            "decoder_blocks.0.attn.qkv.weight": r(48, 16), "decoder_norm.weight": r(16),
-            "decoder_pred.weight": r(768, 16),
-        })
+        sd.update(
+            {
+                "mask_token": r(1, 1, 16),
+                "decoder_embed.weight": r(16, embed),
+                "decoder_pos_embed": r(1, 17, 16),
+                "decoder_blocks.0.attn.qkv.weight": r(48, 16),
+                "decoder_norm.weight": r(16),
+                "decoder_pred.weight": r(768, 16),
+            }
+        )
     return sd
 
 
@@ -433,7 +478,9 @@ def test_load_mae_encoder_resizes_pos_embed_and_reports(tmp_path, caplog):
         if k.startswith(("blocks.", "patch_embed.")):
             torch.testing.assert_close(msd[k], v, rtol=0, atol=0)
             assert k in report.loaded_keys
-    expected_pe = torch.cat([sd["pos_embed"][:, :1], resize_pos_embed_grid(sd["pos_embed"], 6, 1).reshape(1, 36, -1)], 1)
+    expected_pe = torch.cat(
+        [sd["pos_embed"][:, :1], resize_pos_embed_grid(sd["pos_embed"], 6, 1).reshape(1, 36, -1)], 1
+    )
     torch.testing.assert_close(msd["pos_embed"], expected_pe)
     assert report.changed["pos_embed"].startswith("(1, 17, 32) -> (1, 37, 32)")
     assert sorted(report.missing) == sorted(k for k in msd if "rel_pos" in k)  # newly initialized
@@ -462,8 +509,9 @@ def test_load_timm_names_and_plain_dict():
 def test_load_encoder_of_the_mae_model():
     from maedet.models.mae import MaskedAutoencoderViT
 
-    enc = MaskedAutoencoderViT(embed_dim=192, depth=4, num_heads=3, decoder_embed_dim=128, decoder_depth=2,
-                               decoder_num_heads=4)
+    enc = MaskedAutoencoderViT(
+        embed_dim=192, depth=4, num_heads=3, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4
+    )
     state = enc.encoder_state_dict()
     vit = ViT(img_size=64, embed_dim=192, depth=4, num_heads=3, window_size=2, global_blocks=(1, 3))
     report = load_pretrained_backbone(vit, state)
@@ -527,7 +575,7 @@ def test_anchors_are_detectron2s_fractional_float32_anchors_under_bf16():
     ref = gen([torch.zeros(1, 8, s, s) for s in sizes])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = gen([torch.zeros(1, 8, s, s, dtype=torch.bfloat16) for s in sizes])
-    w = (32 ** 2 / 0.5) ** 0.5  # 45.2548..., not rounded
+    w = (32**2 / 0.5) ** 0.5  # 45.2548..., not rounded
     cell = torch.tensor([[-w / 2, -w / 4, w / 2, w / 4], [-16.0, -16, 16, 16], [-w / 4, -w / 2, w / 4, w / 2]])
     torch.testing.assert_close(ref[0][:3], cell)
     # anchor (y=1, x=2, a=1) of p2: the cell shifted by (8, 4) pixels

@@ -39,6 +39,7 @@ every 2 ms (maedet.utils.profiling). FLOPs (--flops): fvcore ``FlopCountAnalysis
 (one multiply-add = one flop) with attn_impl=explicit; on CUDA, --peak-tflops gives
 model FLOP utilization = 2 x flops x (3 training, 1 inference) / time / peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,13 @@ def load_cfg(args, overrides: Sequence[str]) -> Tuple[Any, str]:
         return load_pretrain_config(args.config, ov + list(overrides)), "pretrain"
     if args.image_size:
         s = args.image_size
-        ov += [f"data.train.pipeline.image_size={s}", f"data.test.pipeline.short_edge_length={s}",
-               f"data.test.pipeline.max_size={s}", f"model.backbone.img_size={s}", f"model.neck.square_pad={s}"]
+        ov += [
+            f"data.train.pipeline.image_size={s}",
+            f"data.test.pipeline.short_edge_length={s}",
+            f"data.test.pipeline.max_size={s}",
+            f"model.backbone.img_size={s}",
+            f"model.neck.square_pad={s}",
+        ]
     if args.batch_size and args.task != "infer":
         ov += ["train.total_batch_size=0", f"train.batch_size={args.batch_size}"]
     if args.task in ("infer", "reference") and not args.keep_thresholds:
@@ -98,8 +104,11 @@ def variants(args) -> List[List[str]]:
             raise SystemExit(f"error: --compare expects KEY=V1,V2, got {spec!r}")
         key, vals = spec.split("=", 1)
         ab.append((key, vals.split(",")))
-    if args.task == "train" and args.act_checkpoint_variant and not any(k == "model.backbone.act_checkpoint"
-                                                                        for k, _ in ab):
+    if (
+        args.task == "train"
+        and args.act_checkpoint_variant
+        and not any(k == "model.backbone.act_checkpoint" for k, _ in ab)
+    ):
         ab.append(("model.backbone.act_checkpoint", ["false", "true"]))
     if not ab:
         return [[]]
@@ -110,8 +119,7 @@ def variants(args) -> List[List[str]]:
 def measure(args, device: torch.device, var_list: List[List[str]]) -> List[Dict[str, Any]]:
     cfgs = [load_cfg(args, list(args.opts) + v)[0] for v in var_list]
     amp = [resolve_amp(c.train.amp, device) for c in cfgs]
-    loads = workloads.make_workloads(args.task, cfgs, [" ".join(v) for v in var_list], device, amp,
-                                     args.infer_batches)
+    loads = workloads.make_workloads(args.task, cfgs, [" ".join(v) for v in var_list], device, amp, args.infer_batches)
     meter = Meter(device)
     rec = {name: {"wall": [], "cpu": [], "peak": [], "abs": [], "opt": [], "last": None} for name, _ in loads}
     for r in range(args.warmup + args.iters):
@@ -126,18 +134,31 @@ def measure(args, device: torch.device, var_list: List[List[str]]) -> List[Dict[
                     rec[name]["opt"].append(res["optimizer_ms"])
             rec[name]["last"] = res
             if args.verbose:
-                print(f"  [{'warm-up' if r < args.warmup else 'timed'} {r}] {name}: {wall:.3f} s, "
-                      f"cpu {cpu:.2f} s, peak +{peak:.0f} MB", file=sys.stderr, flush=True)
+                print(
+                    f"  [{'warm-up' if r < args.warmup else 'timed'} {r}] {name}: {wall:.3f} s, "
+                    f"cpu {cpu:.2f} s, peak +{peak:.0f} MB",
+                    file=sys.stderr,
+                    flush=True,
+                )
     results = []
     for name, w in loads:
         r = rec[name]
         t = median(r["wall"])
-        entry = {"variant": name, **w.info, "iters": len(r["wall"]), "warmup": args.warmup,
-                 "s_per_iter": t, "s_per_iter_all": r["wall"], "cpu_s_per_iter": median(r["cpu"]),
-                 "peak_mem_mb": max(r["peak"]), "peak_mem_abs_mb": max(r["abs"]),
-                 "peak_mem_kind": ("cuda max_memory_allocated" if device.type == "cuda"
-                                   else "sampled RSS above the RSS before the run"),
-                 "images_per_s": w.batch / t}
+        entry = {
+            "variant": name,
+            **w.info,
+            "iters": len(r["wall"]),
+            "warmup": args.warmup,
+            "s_per_iter": t,
+            "s_per_iter_all": r["wall"],
+            "cpu_s_per_iter": median(r["cpu"]),
+            "peak_mem_mb": max(r["peak"]),
+            "peak_mem_abs_mb": max(r["abs"]),
+            "peak_mem_kind": (
+                "cuda max_memory_allocated" if device.type == "cuda" else "sampled RSS above the RSS before the run"
+            ),
+            "images_per_s": w.batch / t,
+        }
         if r["opt"]:
             entry["optimizer_ms"] = median(r["opt"])  # part of s_per_iter
         if "saved" in r:
@@ -147,8 +168,11 @@ def measure(args, device: torch.device, var_list: List[List[str]]) -> List[Dict[
         elif args.task == "train":
             entry.update(losses=r["last"]["losses"])
         else:
-            entry.update(s_per_image=t / w.batch, detections_per_image=r["last"]["detections"],
-                         mask_shape=r["last"]["mask_shapes"])
+            entry.update(
+                s_per_image=t / w.batch,
+                detections_per_image=r["last"]["detections"],
+                mask_shape=r["last"]["mask_shapes"],
+            )
         if args.flops or args.params:
             entry.update(workloads.parameter_counts(w.model))
         results.append(entry)
@@ -160,8 +184,10 @@ def measure(args, device: torch.device, var_list: List[List[str]]) -> List[Dict[
                 per = fl.get("flops_full_inference_g") or fl.get("flops_per_image_g")
                 mult = 3 if args.task in ("train", "pretrain") else 1
                 e["mfu"] = 2 * per * 1e9 * mult * e["batch_size"] / e["s_per_iter"] / (args.peak_tflops * 1e12)
-                e["mfu_note"] = (f"2 x fvcore flops x {mult} x batch / time / {args.peak_tflops} TFLOP/s "
-                                 "(training: RoI-head flops at inference proposal counts, an estimate)")
+                e["mfu_note"] = (
+                    f"2 x fvcore flops x {mult} x batch / time / {args.peak_tflops} TFLOP/s "
+                    "(training: RoI-head flops at inference proposal counts, an estimate)"
+                )
     return results
 
 
@@ -181,15 +207,38 @@ def run_isolated(args, var_list: List[List[str]]) -> List[Dict[str, Any]]:
 
 
 def child_argv(args) -> List[str]:
-    a = ["--config", args.config, "--task", args.task, "--device", args.device, "--iters", str(args.iters),
-         "--warmup", str(args.warmup), "--infer-batches", ",".join(str(b) for b in args.infer_batches),
-         "--detections", str(args.detections)]
-    for flag, val in (("--amp", args.amp), ("--batch-size", args.batch_size), ("--image-size", args.image_size),
-                      ("--threads", args.threads), ("--peak-tflops", args.peak_tflops)):
+    a = [
+        "--config",
+        args.config,
+        "--task",
+        args.task,
+        "--device",
+        args.device,
+        "--iters",
+        str(args.iters),
+        "--warmup",
+        str(args.warmup),
+        "--infer-batches",
+        ",".join(str(b) for b in args.infer_batches),
+        "--detections",
+        str(args.detections),
+    ]
+    for flag, val in (
+        ("--amp", args.amp),
+        ("--batch-size", args.batch_size),
+        ("--image-size", args.image_size),
+        ("--threads", args.threads),
+        ("--peak-tflops", args.peak_tflops),
+    ):
         if val:
             a += [flag, str(val)]
-    for flag, on in (("--flops", args.flops), ("--params", args.params), ("--keep-thresholds", args.keep_thresholds),
-                     ("--verbose", args.verbose), ("--no-act-checkpoint-variant", not args.act_checkpoint_variant)):
+    for flag, on in (
+        ("--flops", args.flops),
+        ("--params", args.params),
+        ("--keep-thresholds", args.keep_thresholds),
+        ("--verbose", args.verbose),
+        ("--no-act-checkpoint-variant", not args.act_checkpoint_variant),
+    ):
         if on:
             a.append(flag)
     return a
@@ -211,17 +260,25 @@ def _ddp_worker(rank: int, world: int, port: int, args, var: List[str], out_q) -
         dist.all_gather_object(per_rank, res)
         if rank == 0:
             comp = cfg.train.ddp_grad_compression
-            out_q.put({"variant": " ".join(var) or "default", "procs": world, "backend": dist.get_backend(),
-                       "params_m": res["numel"] / 1e6, "ddp_grad_compression": comp,
-                       "ddp_bucket_view": bool(cfg.train.ddp_bucket_view),
-                       "allreduce_mb_per_iter": res["numel"] * (2 if comp != "none" else 4) / 2**20,
-                       "iters": args.iters, "warmup": args.warmup,
-                       "s_per_iter": max(median(x["wall"]) for x in per_rank),  # the slowest rank
-                       "s_per_iter_all": [x["wall"] for x in per_rank],
-                       "peak_mem_mb": max(x["peak"] for x in per_rank),
-                       "peak_mem_since_wrap_mb": max(x["peak_since_wrap"] for x in per_rank),
-                       "note": "probe loss: every parameter gets a gradient at almost no compute, so the time "
-                               "is DDP's bucketing + all-reduce (+ compression hook)"})
+            out_q.put(
+                {
+                    "variant": " ".join(var) or "default",
+                    "procs": world,
+                    "backend": dist.get_backend(),
+                    "params_m": res["numel"] / 1e6,
+                    "ddp_grad_compression": comp,
+                    "ddp_bucket_view": bool(cfg.train.ddp_bucket_view),
+                    "allreduce_mb_per_iter": res["numel"] * (2 if comp != "none" else 4) / 2**20,
+                    "iters": args.iters,
+                    "warmup": args.warmup,
+                    "s_per_iter": max(median(x["wall"]) for x in per_rank),  # the slowest rank
+                    "s_per_iter_all": [x["wall"] for x in per_rank],
+                    "peak_mem_mb": max(x["peak"] for x in per_rank),
+                    "peak_mem_since_wrap_mb": max(x["peak_since_wrap"] for x in per_rank),
+                    "note": "probe loss: every parameter gets a gradient at almost no compute, so the time "
+                    "is DDP's bucketing + all-reduce (+ compression hook)",
+                }
+            )
     finally:
         dist.destroy_process_group()
 
@@ -235,8 +292,13 @@ def run_ddp(args) -> List[Dict[str, Any]]:
     results = []
     for var in variants(args):
         q = mp.get_context("spawn").Queue()
-        mp.start_processes(_ddp_worker, args=(args.procs, pipelines.free_port(), args, var, q), nprocs=args.procs,
-                           start_method="spawn", join=True)
+        mp.start_processes(
+            _ddp_worker,
+            args=(args.procs, pipelines.free_port(), args, var, q),
+            nprocs=args.procs,
+            start_method="spawn",
+            join=True,
+        )
         results.append(q.get(timeout=60))
     return results
 
@@ -251,8 +313,9 @@ def print_rows(cols: List[str], rows: List[List[str]]) -> None:
 
 
 def print_table(results: List[Dict[str, Any]], task: str, meta: Dict[str, Any]) -> None:
-    print(f"# task={task} device={meta['device']} threads={meta['threads']} torch={meta['torch']} "
-          f"load={meta['loadavg']}")
+    print(
+        f"# task={task} device={meta['device']} threads={meta['threads']} torch={meta['torch']} load={meta['loadavg']}"
+    )
     if task == "data":
         r = results[0]
         print(f"{r['pipeline']}\nworkers={r['workers']} batch={r['batch_size']}: {r['images_per_s']:.2f} images/s")
@@ -264,26 +327,48 @@ def print_table(results: List[Dict[str, Any]], task: str, meta: Dict[str, Any]) 
     if task == "ddp":
         base = results[0]["s_per_iter"]
         print(f"{results[0]['procs']} processes ({results[0]['backend']}), {results[0]['params_m']:.2f} M parameters")
-        print_rows(["variant", "ms/iter", "ratio", "all-reduce MB", "peak MB (run)", "peak MB (since DDP wrap)"],
-                   [[r["variant"], f"{1000 * r['s_per_iter']:.0f}", f"{r['s_per_iter'] / base:.3f}",
-                     f"{r['allreduce_mb_per_iter']:.0f}", f"{r['peak_mem_mb']:.0f}",
-                     f"{r['peak_mem_since_wrap_mb']:.0f}"] for r in results])
+        print_rows(
+            ["variant", "ms/iter", "ratio", "all-reduce MB", "peak MB (run)", "peak MB (since DDP wrap)"],
+            [
+                [
+                    r["variant"],
+                    f"{1000 * r['s_per_iter']:.0f}",
+                    f"{r['s_per_iter'] / base:.3f}",
+                    f"{r['allreduce_mb_per_iter']:.0f}",
+                    f"{r['peak_mem_mb']:.0f}",
+                    f"{r['peak_mem_since_wrap_mb']:.0f}",
+                ]
+                for r in results
+            ],
+        )
         return
     base = results[0]["s_per_iter"]
     rows = []
     for r in results:
-        extra = {"pretrain": lambda: f"{r['ms_per_step']:.0f} ms/step",
-                 "train": lambda: " ".join(f"{k}={v:.3f}" for k, v in r["losses"].items()),
-                 "infer": lambda: f"{r['s_per_image']:.3f} s/image, detections {r['detections_per_image']}",
-                 "reference": lambda: r.get("what", "")}[task]()
+        if task == "pretrain":
+            extra = f"{r['ms_per_step']:.0f} ms/step"
+        elif task == "train":
+            extra = " ".join(f"{k}={v:.3f}" for k, v in r["losses"].items())
+        elif task == "infer":
+            extra = f"{r['s_per_image']:.3f} s/image, detections {r['detections_per_image']}"
+        else:
+            extra = r.get("what", "")
         if "optimizer_ms" in r:
             extra += f", optimizer {r['optimizer_ms']:.0f} ms"
         if "saved_activations_mb" in r:
             extra += f", saved for backward {r['saved_activations_mb']:.0f} MB"
         if "peak_mem_isolated_mb" in r:
             extra += f", ru_maxrss +{r['peak_mem_isolated_mb']:.0f} MB"
-        rows.append([r["variant"], f"{r['s_per_iter']:.3f}", f"{r['cpu_s_per_iter']:.2f}",
-                     f"{r['s_per_iter'] / base:.3f}", f"{r['peak_mem_mb']:.0f}", extra])
+        rows.append(
+            [
+                r["variant"],
+                f"{r['s_per_iter']:.3f}",
+                f"{r['cpu_s_per_iter']:.2f}",
+                f"{r['s_per_iter'] / base:.3f}",
+                f"{r['peak_mem_mb']:.0f}",
+                extra,
+            ]
+        )
     print_rows(["variant", "s/iter", "cpu s", "ratio", "peak MB", "extra"], rows)
     for k in sorted(results[0]):
         if k.startswith(("params_", "flops_", "mfu")):
@@ -298,8 +383,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--iters", type=int, default=5, help="timed runs per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=None,
-                   help="default: the config's train.amp")
+    p.add_argument(
+        "--amp", choices=("auto", "bf16", "fp16", "off"), default=None, help="default: the config's train.amp"
+    )
     p.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     p.add_argument("--batch-size", type=int, default=0, help="pretrain/train/data batch (default: the config's)")
     p.add_argument("--image-size", type=int, default=0, help="input side (default: the config's)")
@@ -310,10 +396,20 @@ def parse_args(argv=None):
     p.add_argument("--decode-images", type=int, default=50, help="data: images for the decoder comparison (0: skip)")
     p.add_argument("--procs", type=int, default=2, help="ddp: processes (GPUs with --device cuda)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: train.threads or torch's)")
-    p.add_argument("--compare", "--ab", action="append", default=[], metavar="KEY=V1,V2",
-                   help="measure each value in one process, interleaved (repeatable: product of values)")
-    p.add_argument("--no-act-checkpoint-variant", dest="act_checkpoint_variant", action="store_false",
-                   help="train: skip the automatic act_checkpoint=false,true comparison")
+    p.add_argument(
+        "--compare",
+        "--ab",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="measure each value in one process, interleaved (repeatable: product of values)",
+    )
+    p.add_argument(
+        "--no-act-checkpoint-variant",
+        dest="act_checkpoint_variant",
+        action="store_false",
+        help="train: skip the automatic act_checkpoint=false,true comparison",
+    )
     p.add_argument("--stages", action="store_true", help="reference: also profile each stage of the step")
     p.add_argument("--flops", action="store_true", help="fvcore FLOPs and parameters")
     p.add_argument("--params", action="store_true", help="fvcore parameter counts")
@@ -338,10 +434,17 @@ def main(argv=None) -> int:
         if threads > 0:
             torch.set_num_threads(threads)
         torch.manual_seed(0)
-        meta = {"task": args.task, "config": args.config, "overrides": list(args.opts), "device": str(device),
-                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()), "cpu_count": os.cpu_count()}
+        meta = {
+            "task": args.task,
+            "config": args.config,
+            "overrides": list(args.opts),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "cpu_count": os.cpu_count(),
+        }
         if args.task == "data":
             results = [pipelines.run_data(probe_cfg, kind, args.workers, args.warmup, args.iters, args.decode_images)]
         elif args.task == "ddp":

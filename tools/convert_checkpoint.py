@@ -34,6 +34,7 @@ Prints a table of loaded / missing / unexpected / dropped / changed keys. The ou
 is written atomically, and only when the conversion succeeded. Exit code 0 on
 success; 2 with one "error: ..." line naming the file and key otherwise.
 """
+
 import argparse
 
 from maedet.builders.convert import conversion_options
@@ -53,33 +54,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", dest="dst_format", required=True, choices=OUTPUT_FORMATS, help="output format")
     p.add_argument("input", metavar="IN", help="input checkpoint file")
     p.add_argument("output", metavar="OUT", help="output file (d2-vitdet: .pkl = numpy model-zoo form, else .pth)")
-    p.add_argument("--config", default=None, metavar="FILE",
-                   help="maedet config of the architecture (detection: needed for a detectron2 input; "
-                        "encoders: every tensor is checked against it)")
-    p.add_argument("--img-size", type=int, default=None, metavar="N",
-                   help="encoder outputs: image side of the position table (grid N / patch); default: keep the grid")
-    p.add_argument("--patch-size", type=int, default=None, metavar="P",
-                   help="encoder outputs: patch size (e.g. 16 for an MAE ViT-H/14); the kernel is resized")
-    p.add_argument("--patch-resize", default="pi", choices=PATCH_RESIZE_METHODS,
-                   help="kernel resize method: pi = FlexiViT pseudo-inverse (exact on upsampled patches, default), "
-                        "bicubic = resize the kernel like an image, scaled by p^2/P^2")
-    p.add_argument("--class-names", default=None, metavar="coco|FILE",
-                   help="--to maedet-det: class names to store in meta: 'coco' or a COCO-format json")
-    p.add_argument("--allow-missing", action="store_true",
-                   help="write the output even if the input lacks keys (listed in the report)")
-    p.add_argument("--trust", "--trust-checkpoint", dest="trust", action="store_true",
-                   help="read the input with weights_only=False (arbitrary unpickling; only for trusted files)")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="maedet config of the architecture (detection: needed for a detectron2 input; "
+        "encoders: every tensor is checked against it)",
+    )
+    p.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="encoder outputs: image side of the position table (grid N / patch); default: keep the grid",
+    )
+    p.add_argument(
+        "--patch-size",
+        type=int,
+        default=None,
+        metavar="P",
+        help="encoder outputs: patch size (e.g. 16 for an MAE ViT-H/14); the kernel is resized",
+    )
+    p.add_argument(
+        "--patch-resize",
+        default="pi",
+        choices=PATCH_RESIZE_METHODS,
+        help="kernel resize method: pi = FlexiViT pseudo-inverse (exact on upsampled patches, default), "
+        "bicubic = resize the kernel like an image, scaled by p^2/P^2",
+    )
+    p.add_argument(
+        "--class-names",
+        default=None,
+        metavar="coco|FILE",
+        help="--to maedet-det: class names to store in meta: 'coco' or a COCO-format json",
+    )
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="write the output even if the input lacks keys (listed in the report)",
+    )
+    p.add_argument(
+        "--trust",
+        "--trust-checkpoint",
+        dest="trust",
+        action="store_true",
+        help="read the input with weights_only=False (arbitrary unpickling; only for trusted files)",
+    )
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     obj = load_checkpoint_file(args.input, map_location="cpu", weights_only=not args.trust)
-    options = conversion_options(obj, args.input, args.src_format, args.dst_format, args.config,
-                                 img_size=args.img_size, patch_size=args.patch_size, patch_resize=args.patch_resize,
-                                 class_names=args.class_names, allow_missing=args.allow_missing)
-    result = convert_checkpoint(obj, args.src_format, args.dst_format, args.output, options=options,
-                                source_name=args.input)
+    options = conversion_options(
+        obj,
+        args.input,
+        args.src_format,
+        args.dst_format,
+        args.config,
+        img_size=args.img_size,
+        patch_size=args.patch_size,
+        patch_resize=args.patch_resize,
+        class_names=args.class_names,
+        allow_missing=args.allow_missing,
+    )
+    result = convert_checkpoint(
+        obj, args.src_format, args.dst_format, args.output, options=options, source_name=args.input
+    )
     print(result.report.table(), flush=True)
     print(f"wrote {args.output}", flush=True)
     return 0

@@ -38,6 +38,7 @@ stays flat in the photo's size (docs/RELIABILITY.md).
 
 Config overrides (KEY=VALUE, e.g. model.min_size=800) go before --input.
 """
+
 import argparse
 import glob
 import json
@@ -98,8 +99,10 @@ def expand_inputs(items):
 
 def _coco_image_ids(coco_json: str):
     """{normalized file_name: image id} of a COCO json, and the largest id."""
-    ids = {os.path.normpath(img["file_name"]).replace(os.sep, "/"): int(img["id"])
-           for img in read_coco_image_entries(coco_json, need_id=True)}
+    ids = {
+        os.path.normpath(img["file_name"]).replace(os.sep, "/"): int(img["id"])
+        for img in read_coco_image_entries(coco_json, need_id=True)
+    }
     return ids, max(ids.values(), default=0)
 
 
@@ -131,20 +134,34 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, metavar="FILE", help="detection YAML config")
     p.add_argument("--weights", required=True, metavar="FILE", help="detection checkpoint (model_final.pth)")
-    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
-                   help="image files, folders (recursive) and/or glob patterns")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders (recursive) and/or glob patterns",
+    )
     p.add_argument("--output", default=None, metavar="DIR", help="write one PNG visualization per image here")
     p.add_argument("--json", default=None, metavar="FILE", help="write the detections as COCO results JSON")
-    p.add_argument("--coco-json", default=None, metavar="FILE",
-                   help="COCO annotation file whose image ids are used in --json")
+    p.add_argument(
+        "--coco-json", default=None, metavar="FILE", help="COCO annotation file whose image ids are used in --json"
+    )
     p.add_argument("--score-thresh", type=float, default=0.5, help="keep instances with score >= this (0.5)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: auto)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
-    p.add_argument("--amp", default="off", choices=["off", "auto", "bf16", "fp16"],
-                   help="autocast dtype (auto: bf16 on GPUs that support it, fp16 on older GPUs, off on CPU)")
+    p.add_argument(
+        "--amp",
+        default="off",
+        choices=["off", "auto", "bf16", "fp16"],
+        help="autocast dtype (auto: bf16 on GPUs that support it, fp16 on older GPUs, off on CPU)",
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="mask overlay opacity (default 0.5)")
-    p.add_argument("opts", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. model.min_size=800 (put them before --input)")
+    p.add_argument(
+        "opts",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. model.min_size=800 (put them before --input)",
+    )
     return p.parse_args(argv)
 
 
@@ -162,7 +179,8 @@ def main(args) -> int:
     paths, unmatched = expand_inputs(args.input)
     if not any(os.path.isfile(p) for p in paths):
         raise DatasetError(
-            "no input image matched " + ", ".join(repr(i) for i in args.input)
+            "no input image matched "
+            + ", ".join(repr(i) for i in args.input)
             + f" (expected image files, folders or glob patterns; extensions {'/'.join(IMAGE_EXTENSIONS)})"
         )
     for item in unmatched:
@@ -182,8 +200,9 @@ def main(args) -> int:
     from maedet.inference import draw_instances, save_visualization
     from maedet.utils.fileio import atomic_write_text
 
-    predictor = build_predictor(args.config, args.weights, device=args.device, amp=args.amp,
-                                score_thresh=args.score_thresh, overrides=args.opts)
+    predictor = build_predictor(
+        args.config, args.weights, device=args.device, amp=args.amp, score_thresh=args.score_thresh, overrides=args.opts
+    )
     records, failed, used_names = [], [], set()
     unknown_ids = 0
 
@@ -224,15 +243,26 @@ def main(args) -> int:
             try:
                 if args.json:
                     recs = instances_to_coco_json(
-                        image_id_for(index, path), out["boxes"], out["scores"], out["labels"],
-                        label_to_cat_id=predictor.label_to_cat_id, rles=out.get("masks_rle"),
+                        image_id_for(index, path),
+                        out["boxes"],
+                        out["scores"],
+                        out["labels"],
+                        label_to_cat_id=predictor.label_to_cat_id,
+                        rles=out.get("masks_rle"),
                     )
                     for r in recs:
                         r["file_name"] = path
                     records.extend(recs)
                 if args.output:
-                    vis = draw_instances(img, out["boxes"], out["scores"], out["labels"], predictor.class_names,
-                                         masks=out.get("masks_rle"), alpha=args.alpha)
+                    vis = draw_instances(
+                        img,
+                        out["boxes"],
+                        out["scores"],
+                        out["labels"],
+                        predictor.class_names,
+                        masks=out.get("masks_rle"),
+                        alpha=args.alpha,
+                    )
                     save_visualization(os.path.join(args.output, _unique_png_name(path, used_names)), vis)
             except MaedetError as e:
                 report(path, e)
@@ -256,8 +286,10 @@ def main(args) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(records))
     if unknown_ids:
-        print(f"warning: {unknown_ids} images are not listed in {args.coco_json}; they got ids above "
-              f"{max_coco_id}", file=sys.stderr)
+        print(
+            f"warning: {unknown_ids} images are not listed in {args.coco_json}; they got ids above {max_coco_id}",
+            file=sys.stderr,
+        )
     if args.output:
         print(f"pictures written to {args.output}", flush=True)
     if args.json:

@@ -15,6 +15,7 @@ The output directory receives config.yaml, log.txt, metrics.jsonl, tb/ (tensorbo
 model_XXXXXXX.pth checkpoints with a last_checkpoint pointer, vis/ reconstructions,
 and encoder_final.pth: the encoder for tools/train_net.py (model.backbone.pretrained).
 """
+
 from maedet.builders import load_pretrain_config, run_pretraining
 from maedet.engine.launch import default_argument_parser, launch, setup_run
 from maedet.utils import distributed as du

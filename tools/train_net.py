@@ -14,6 +14,7 @@ Batch rule: train.total_batch_size is the global batch, split over the processes
 a recipe is unchanged by the number of GPUs; with train.total_batch_size=0,
 train.batch_size is per process and solver.lr (if unset) scales with the total batch.
 """
+
 from maedet.builders import load_detection_config, run_detection_training, run_evaluation
 from maedet.engine.launch import default_argument_parser, launch, setup_run
 from maedet.utils import distributed as du

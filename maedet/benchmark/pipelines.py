@@ -1,4 +1,5 @@
 """The data pipeline alone (decode + augment + collate) and DDP's gradient all-reduce alone."""
+
 from __future__ import annotations
 
 import io
@@ -45,10 +46,17 @@ def run_data(cfg: Any, kind: str, workers: int, warmup: int, iters: int, decode_
         b = next(it)
         times.append(time.perf_counter() - t0)
         bsz = len(b[0])
-    return {"pipeline": desc, "dataset_size": len(ds), "workers": workers, "batch_size": bsz,
-            "batches_timed": iters, "images_per_s": bsz * iters / sum(times), "s_per_batch_median": median(times),
-            "note": "mean rate over the timed batches after warm-up batches (workers started and prefetching)",
-            "decode": decode}
+    return {
+        "pipeline": desc,
+        "dataset_size": len(ds),
+        "workers": workers,
+        "batch_size": bsz,
+        "batches_timed": iters,
+        "images_per_s": bsz * iters / sum(times),
+        "s_per_batch_median": median(times),
+        "note": "mean rate over the timed batches after warm-up batches (workers started and prefetching)",
+        "decode": decode,
+    }
 
 
 def decode_rates(paths: Sequence[str]) -> Dict[str, Any]:
@@ -66,11 +74,12 @@ def decode_rates(paths: Sequence[str]) -> Dict[str, Any]:
     decoders: Dict[str, Callable] = {
         "opencv (used)": lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1],
         "pil": lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB")),
-        "torchvision.io": lambda b: decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8),
-                                                 mode=ImageReadMode.RGB),
+        "torchvision.io": lambda b: decode_image(
+            torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB
+        ),
     }
     threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
-    total = {k: 0.0 for k in decoders}
+    total = dict.fromkeys(decoders, 0.0)
     pixels = 0
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -115,8 +124,11 @@ class GradProbe(torch.nn.Module):
 
 def ddp_probe(cfg: Any, kind: str, device: torch.device, warmup: int, iters: int) -> Dict[str, Any]:
     """In an initialized process group: time the probe's backward under DDP on this rank."""
-    model = build_mae_model(cfg.model) if kind == "pretrain" else \
-        build_detection_model(cfg.model, cfg.model.num_classes or 80, load_pretrained=False)
+    model = (
+        build_mae_model(cfg.model)
+        if kind == "pretrain"
+        else build_detection_model(cfg.model, cfg.model.num_classes or 80, load_pretrained=False)
+    )
     probe = GradProbe(model.to(device))
     numel = sum(p.numel() for p in probe.params)
     meter = Meter(device)

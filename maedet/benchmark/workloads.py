@@ -6,6 +6,7 @@ exactly as a run does, and its :meth:`Workload.step` is one
 backward, optimizer step) or one :class:`maedet.inference.Predictor` call (resize
 skipped: the images are already at the test size; detections, masks pasted).
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,16 @@ from maedet.inference.predictor import Predictor
 from maedet.models.mae import masking_noise
 from maedet.utils.profiling import SavedActivations
 
-__all__ = ["Workload", "PretrainWorkload", "DetTrainWorkload", "DetInferWorkload", "synthetic_detection_batch",
-           "detection_flops", "parameter_counts", "num_classes"]
+__all__ = [
+    "Workload",
+    "PretrainWorkload",
+    "DetTrainWorkload",
+    "DetInferWorkload",
+    "synthetic_detection_batch",
+    "detection_flops",
+    "parameter_counts",
+    "num_classes",
+]
 
 
 def num_classes(cfg: Any) -> int:
@@ -41,7 +50,7 @@ def synthetic_detection_batch(batch: int, size: int, classes: int, seed: int = 0
         boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1).floor()
         masks = torch.zeros(n, size, size, dtype=torch.uint8)
         for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
-            masks[i, y0:y1 + 1, x0:x1 + 1] = 1
+            masks[i, y0 : y1 + 1, x0 : x1 + 1] = 1
         labels = torch.randint(1, classes + 1, (n,), generator=g)
         targets.append({"boxes": boxes, "labels": labels, "masks": masks})
     return images, targets
@@ -104,8 +113,14 @@ class PretrainWorkload(_TrainWorkload):
         b, size = per_process_batch(cfg.train), cfg.model.img_size
         g = torch.Generator().manual_seed(0)
         images = torch.randn(b, 3, size, size, generator=g)
-        self._setup(cfg, model, device, "pretrain", mae_loss_fn(cfg.model.mask_ratio),
-                    (images, torch.arange(b, dtype=torch.int64)))
+        self._setup(
+            cfg,
+            model,
+            device,
+            "pretrain",
+            mae_loss_fn(cfg.model.mask_ratio),
+            (images, torch.arange(b, dtype=torch.int64)),
+        )
         self.batch = b
         self.info = {"batch_size": b, "image_size": size, "amp": self.trainer.amp.mode}
 
@@ -130,9 +145,13 @@ class DetTrainWorkload(_TrainWorkload):
         images, targets = synthetic_detection_batch(b, size, num_classes(cfg))
         self._setup(cfg, model, device, "detection", detection_loss, (images, targets, torch.zeros(b)))
         self.batch = b
-        self.info = {"batch_size": b, "image_size": size, "amp": self.trainer.amp.mode,
-                     "act_checkpoint": bool(cfg.model.backbone.get("act_checkpoint", False)),
-                     "inputs": "synthetic: random uint8 images, 8 box-shaped instances each"}
+        self.info = {
+            "batch_size": b,
+            "image_size": size,
+            "amp": self.trainer.amp.mode,
+            "act_checkpoint": bool(cfg.model.backbone.get("act_checkpoint", False)),
+            "inputs": "synthetic: random uint8 images, 8 box-shaped instances each",
+        }
 
     def flops(self) -> Dict[str, Any]:
         return detection_flops(self.cfg, self.cfg.data.train.pipeline.image_size)
@@ -152,8 +171,14 @@ class DetInferWorkload(Workload):
         self.images = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g) for _ in range(batch)]
         self.batch = batch
         heads = cfg.model.roi_heads
-        self.info = {"batch_size": batch, "image_size": size, "amp": amp, "score_thresh": heads.score_thresh,
-                     "detections_per_img": heads.detections_per_img, "inputs": "synthetic: random uint8 images"}
+        self.info = {
+            "batch_size": batch,
+            "image_size": size,
+            "amp": amp,
+            "score_thresh": heads.score_thresh,
+            "detections_per_img": heads.detections_per_img,
+            "inputs": "synthetic: random uint8 images",
+        }
 
     def step(self) -> Dict[str, Any]:
         out = self.predictor(self.images, return_rle=False)
@@ -193,8 +218,10 @@ def detection_flops(cfg: Any, size: int) -> Dict[str, Any]:
     fca = FlopCountAnalysis(_Full(model), (img,))
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     out["flops_full_inference_g"] = fca.total() / 1e9
-    out["flops_note"] = ("fvcore: 1 multiply-add = 1 flop; attn_impl=explicit (SDPA is not counted); full model "
-                         f"in eval mode at {size}x{size}, {model_cfg.roi_heads.detections_per_img} detections max")
+    out["flops_note"] = (
+        "fvcore: 1 multiply-add = 1 flop; attn_impl=explicit (SDPA is not counted); full model "
+        f"in eval mode at {size}x{size}, {model_cfg.roi_heads.detections_per_img} detections max"
+    )
     return out
 
 
@@ -204,21 +231,33 @@ def parameter_counts(model: torch.nn.Module) -> Dict[str, float]:
 
     pc = parameter_count(model)
     out = {"params_total_m": pc[""] / 1e6}
-    for key, label in (("backbone.net", "params_vit_m"), ("backbone", "params_backbone_pyramid_m"),
-                       ("rpn", "params_rpn_m"), ("roi_heads", "params_roi_heads_m")):
+    for key, label in (
+        ("backbone.net", "params_vit_m"),
+        ("backbone", "params_backbone_pyramid_m"),
+        ("rpn", "params_rpn_m"),
+        ("roi_heads", "params_roi_heads_m"),
+    ):
         if key in pc:
             out[label] = pc[key] / 1e6
     return out
 
 
-def make_workloads(task: str, cfgs: Sequence[Any], names: Sequence[str], device: torch.device, amp: Sequence[str],
-                   infer_batches: Sequence[int]) -> List[tuple]:
+def make_workloads(
+    task: str,
+    cfgs: Sequence[Any],
+    names: Sequence[str],
+    device: torch.device,
+    amp: Sequence[str],
+    infer_batches: Sequence[int],
+) -> List[tuple]:
     """(name, workload) for every variant config."""
     out = []
     for cfg, name, a in zip(cfgs, names, amp):
         if task == "infer":
-            out += [(" ".join(filter(None, [name, f"batch={b}"])), DetInferWorkload(cfg, device, a, b))
-                    for b in infer_batches]
+            out += [
+                (" ".join(filter(None, [name, f"batch={b}"])), DetInferWorkload(cfg, device, a, b))
+                for b in infer_batches
+            ]
         elif task == "pretrain":
             out.append((name or "default", PretrainWorkload(cfg, device)))
         else:

@@ -7,6 +7,7 @@ against the signature of the component its ``name`` selects and filled with
 that component's defaults, and every dataset split resolved to the files it
 reads. A second load of the written file resolves to the same config.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,9 @@ def _import_components() -> None:
     import maedet.models  # noqa: F401
 
 
-def resolve_section(section: Dict[str, Any], path: str, reg: registry.Registry,
-                    builder_keys: Sequence[str] = ()) -> Dict[str, Any]:
+def resolve_section(
+    section: Dict[str, Any], path: str, reg: registry.Registry, builder_keys: Sequence[str] = ()
+) -> Dict[str, Any]:
     """A plug-in section checked against its component's signature and completed with its defaults.
 
     Args:
@@ -64,7 +66,7 @@ def resolve_section(section: Dict[str, Any], path: str, reg: registry.Registry,
         if "not in" in msg or "Key '" in msg:
             msg = f"not an argument of {reg.kind} '{name}' ({fn.__module__}.{fn.__qualname__})"
         raise ConfigError(f"invalid config: key '{path}.{key}': {msg}") from None
-    for key in merged.keys():
+    for key in merged:
         if OmegaConf.is_missing(merged, key):
             raise ConfigError(f"key '{path}.{key}' is not set ({reg.kind} '{name}' has no default for it)")
     return {"name": str(name), **own, **OmegaConf.to_container(merged, resolve=True)}
@@ -76,11 +78,13 @@ def resolve_split(split: Dict[str, Any], path: str) -> Dict[str, Any]:
     split = dict(split)
     if split.get("json") or split.get("images"):
         if not (split.get("json") and split.get("images")):
-            raise ConfigError(f"{path}: give both json and images (got json={split.get('json')!r}, "
-                              f"images={split.get('images')!r})")
+            raise ConfigError(
+                f"{path}: give both json and images (got json={split.get('json')!r}, images={split.get('images')!r})"
+            )
         if split.get("name"):
-            logger.info(f"{path}: using json + images ({split['json']}); the catalog name "
-                        f"{split['name']!r} is not used")
+            logger.info(
+                f"{path}: using json + images ({split['json']}); the catalog name {split['name']!r} is not used"
+            )
             split["name"] = ""
         return split
     if not split.get("name"):
@@ -114,8 +118,9 @@ def _freeze(container: Dict[str, Any], schema) -> DictConfig:
     return cfg
 
 
-def load_detection_config(path: str, overrides: Optional[List[str]] = None,
-                          splits: Sequence[str] = ("train", "test")) -> DictConfig:
+def load_detection_config(
+    path: str, overrides: Optional[List[str]] = None, splits: Sequence[str] = ("train", "test")
+) -> DictConfig:
     """A detection config, ready for the builders (see the module docstring).
 
     ``splits``: the dataset splits to resolve to their files (evaluation needs only

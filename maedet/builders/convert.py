@@ -1,4 +1,5 @@
 """The architecture a checkpoint conversion checks against, from a config or the file's own metadata."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,9 @@ _DETECTION = ("maedet-det", "d2-vitdet")
 
 def _is_detection_config(path: str) -> bool:
     chain = load_yaml_with_bases(path)
-    return any(isinstance(data.get("model"), dict) and "backbone" in data["model"] for _, data in chain) or \
-        any("data" in data and isinstance(data["data"], dict) and "train" in data["data"] for _, data in chain)
+    return any(isinstance(data.get("model"), dict) and "backbone" in data["model"] for _, data in chain) or any(
+        "data" in data and isinstance(data["data"], dict) and "train" in data["data"] for _, data in chain
+    )
 
 
 def _embedded_model_config(obj: Any) -> Optional[Dict[str, Any]]:
@@ -33,8 +35,9 @@ def _embedded_model_config(obj: Any) -> Optional[Dict[str, Any]]:
     return dict(cfg) if isinstance(cfg, Mapping) else None
 
 
-def conversion_options(obj: Any, source: str, src_format: str, dst_format: str, config: Optional[str] = None,
-                       **encoder: Any) -> ConversionOptions:
+def conversion_options(
+    obj: Any, source: str, src_format: str, dst_format: str, config: Optional[str] = None, **encoder: Any
+) -> ConversionOptions:
     """:class:`ConversionOptions` for converting the loaded checkpoint ``obj``.
 
     Detection: the layout of the model described by ``config`` (a detection YAML)
@@ -58,8 +61,10 @@ def conversion_options(obj: Any, source: str, src_format: str, dst_format: str, 
             return opt  # maedet -> detectron2 without a config: the source keys define the model
         num_classes = num_classes_of(unwrap_state_dict(obj, source))
         if not num_classes:
-            raise ConfigError(f"checkpoint {source}: no box predictor (roi_heads.box_predictor...cls_score) "
-                              "to read the number of classes from")
+            raise ConfigError(
+                f"checkpoint {source}: no box predictor (roi_heads.box_predictor...cls_score) "
+                "to read the number of classes from"
+            )
         opt.layout = detection_layout(OmegaConf.create(model_cfg), num_classes)
         opt.model_config = model_cfg
         return opt
@@ -73,4 +78,3 @@ def conversion_options(obj: Any, source: str, src_format: str, dst_format: str, 
         expected["name"] = f"--config {config}"
         opt.expected = expected
     return opt
-

@@ -1,4 +1,5 @@
 """Datasets and loaders from configs (images checked before the first iteration)."""
+
 from __future__ import annotations
 
 import logging
@@ -6,6 +7,7 @@ import os
 from typing import Any, Callable, Optional
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from maedet.builders.model import section_dict
 from maedet.data.catalog import DatasetCatalog
@@ -18,8 +20,13 @@ from maedet.utils import distributed as du
 from maedet.utils.errors import ConfigError, MaedetError
 from maedet.utils.registry import PIPELINES
 
-__all__ = ["build_pipeline", "build_detection_dataset", "build_pretrain_dataset", "build_train_loader_fn",
-           "build_test_loader"]
+__all__ = [
+    "build_pipeline",
+    "build_detection_dataset",
+    "build_pretrain_dataset",
+    "build_train_loader_fn",
+    "build_test_loader",
+]
 
 logger = logging.getLogger("maedet")
 
@@ -37,13 +44,16 @@ def build_pipeline(section: Any, path: str) -> Callable:
 def _check_coco_images(ds: CocoInstanceDataset, what: str, policy: str, key: str) -> set:
     """Image ids of ``ds`` whose files cannot be used (after applying ``policy``)."""
     infos = [ds.get_image_info(i) for i in range(len(ds))]
-    bad = check_images([i["file_path"] for i in infos], [(i["height"], i["width"]) for i in infos], what=what,
-                       cache_root=ds.image_root)
+    bad = check_images(
+        [i["file_path"] for i in infos], [(i["height"], i["width"]) for i in infos], what=what, cache_root=ds.image_root
+    )
     bad_paths = set(report_bad_images(bad, len(infos), what, policy, key))
     return {i["id"] for i in infos if i["file_path"] in bad_paths}
 
 
-def build_detection_dataset(data_cfg: Any, split: str, train: bool, check: Optional[bool] = None) -> CocoInstanceDataset:
+def build_detection_dataset(
+    data_cfg: Any, split: str, train: bool, check: Optional[bool] = None
+) -> CocoInstanceDataset:
     """The COCO-format dataset of ``data.{split}`` (resolved: ``json`` and ``images`` set).
 
     Training datasets decode targets and leave out images without instances;
@@ -72,12 +82,14 @@ def build_pretrain_dataset(d: Any, check: Optional[bool] = None) -> ImageFolderD
     if d.root:
         ds = ImageFolderDataset(root=d.root, transform=transform, on_bad_image=d.on_bad_image)
     elif d.coco_json:
-        ds = ImageFolderDataset(coco_json=d.coco_json, image_root=d.image_root or None, transform=transform,
-                                on_bad_image=d.on_bad_image)
+        ds = ImageFolderDataset(
+            coco_json=d.coco_json, image_root=d.image_root or None, transform=transform, on_bad_image=d.on_bad_image
+        )
     else:
         json_file, image_root = DatasetCatalog.get(d.dataset)
-        ds = ImageFolderDataset(coco_json=json_file, image_root=image_root, transform=transform,
-                                on_bad_image=d.on_bad_image)
+        ds = ImageFolderDataset(
+            coco_json=json_file, image_root=image_root, transform=transform, on_bad_image=d.on_bad_image
+        )
     if d.check_images if check is None else check:
         bad = check_images(ds.paths, what="pretraining images")
         skip = set(report_bad_images(bad, len(ds.paths), "pretraining images", d.on_bad_image, "data.on_bad_image"))
@@ -88,21 +100,34 @@ def build_pretrain_dataset(d: Any, check: Optional[bool] = None) -> ImageFolderD
     return ds
 
 
-def build_train_loader_fn(dataset, collate: str, batch_size: int, train_cfg: Any,
-                          device: torch.device) -> Callable[[int], Any]:
+def build_train_loader_fn(
+    dataset: Dataset, collate: str, batch_size: int, train_cfg: Any, device: torch.device
+) -> Callable[[int], Any]:
     """``loader_fn(start_sample)`` for the trainer: the endless, seeded loader from a stream position."""
     build = {"pretrain": build_pretrain_loader, "detection": build_detection_train_loader}[collate]
 
     def loader_fn(start: int):
-        return build(dataset, batch_size=batch_size, num_workers=train_cfg.num_workers, seed=train_cfg.seed,
-                     rank=du.get_rank(), world_size=du.get_world_size(), start=start,
-                     pin_memory=train_cfg.pin_memory and device.type == "cuda",
-                     persistent_workers=train_cfg.persistent_workers)
+        return build(
+            dataset,
+            batch_size=batch_size,
+            num_workers=train_cfg.num_workers,
+            seed=train_cfg.seed,
+            rank=du.get_rank(),
+            world_size=du.get_world_size(),
+            start=start,
+            pin_memory=train_cfg.pin_memory and device.type == "cuda",
+            persistent_workers=train_cfg.persistent_workers,
+        )
 
     return loader_fn
 
 
-def build_test_loader(dataset, test_cfg: Any):
+def build_test_loader(dataset: Dataset, test_cfg: Any) -> DataLoader:
     """This process's share of the evaluation set, each image once."""
-    return build_detection_test_loader(dataset, batch_size=test_cfg.batch_size, num_workers=test_cfg.num_workers,
-                                       rank=du.get_rank(), world_size=du.get_world_size())
+    return build_detection_test_loader(
+        dataset,
+        batch_size=test_cfg.batch_size,
+        num_workers=test_cfg.num_workers,
+        rank=du.get_rank(),
+        world_size=du.get_world_size(),
+    )

@@ -1,10 +1,11 @@
 """Models from configs: the detector part by part from the registries, the MAE, weights loading."""
+
 from __future__ import annotations
 
 import inspect
 import logging
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -17,8 +18,14 @@ from maedet.models.mae import MaskedAutoencoderViT
 from maedet.utils.errors import CheckpointError, ConfigError
 from maedet.utils.registry import BACKBONES, DETECTORS, NECKS, PROPOSAL_GENERATORS, ROI_HEADS, Registry
 
-__all__ = ["build_component", "build_detection_model", "detection_layout", "load_detection_weights",
-           "build_mae_model", "section_dict"]
+__all__ = [
+    "build_component",
+    "build_detection_model",
+    "detection_layout",
+    "load_detection_weights",
+    "build_mae_model",
+    "section_dict",
+]
 
 logger = logging.getLogger("maedet")
 
@@ -30,7 +37,7 @@ def section_dict(section: Any) -> Dict[str, Any]:
     return dict(section)
 
 
-def build_component(reg: Registry, section: Any, path: str, builder_keys=(), **supplied: Any) -> Any:
+def build_component(reg: Registry, section: Any, path: str, builder_keys: Sequence[str] = (), **supplied: Any) -> Any:
     """``reg.get(section.name)(**supplied, **other keys of section)``.
 
     A ``ValueError`` / ``TypeError`` raised by the constructor (a value it refuses)
@@ -68,15 +75,16 @@ def build_detection_model(model_cfg: Any, num_classes: int, load_pretrained: boo
     parts = {
         "backbone": neck,
         "proposal_generator": build_component(PROPOSAL_GENERATORS, m.rpn, "model.rpn", input_shape=shape),
-        "roi_heads": build_component(ROI_HEADS, m.roi_heads, "model.roi_heads", input_shape=shape,
-                                     num_classes=int(num_classes)),
+        "roi_heads": build_component(
+            ROI_HEADS, m.roi_heads, "model.roi_heads", input_shape=shape, num_classes=int(num_classes)
+        ),
     }
     meta_cls = DETECTORS.get(section_dict(m.meta_arch)["name"])
     wanted = inspect.signature(meta_cls).parameters
     return build_component(DETECTORS, m.meta_arch, "model.meta_arch", **{k: v for k, v in parts.items() if k in wanted})
 
 
-def detection_layout(model_cfg: Any, num_classes: int) -> "OrderedDict[str, torch.Tensor]":
+def detection_layout(model_cfg: Any, num_classes: int) -> OrderedDict[str, torch.Tensor]:
     """The detector's state dict with ``meta`` tensors: its keys and shapes, nothing allocated."""
     with torch.device("meta"):
         model = build_detection_model(model_cfg, num_classes, load_pretrained=False)
@@ -95,8 +103,10 @@ def load_detection_weights(model: nn.Module, path: str) -> Dict[str, Any]:
         if k not in weights:
             raise CheckpointError(f"{path}: missing key '{k}' (is it a detection checkpoint for this model?)")
         if shape_of(weights[k]) != shape_of(v):
-            raise CheckpointError(f"{path}: key '{k}' has shape {shape_of(weights[k])}, the model expects "
-                                  f"{shape_of(v)} (other model size or number of classes?)")
+            raise CheckpointError(
+                f"{path}: key '{k}' has shape {shape_of(weights[k])}, the model expects "
+                f"{shape_of(v)} (other model size or number of classes?)"
+            )
     extra = sorted(set(weights) - set(own))
     if extra:
         raise CheckpointError(f"{path}: unexpected key '{extra[0]}' ({len(extra)} in all) for this model")

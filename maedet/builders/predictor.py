@@ -1,4 +1,5 @@
 """A :class:`~maedet.inference.Predictor` from a config and a detection checkpoint."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,8 @@ from maedet.builders.config import load_detection_config
 from maedet.builders.data import build_pipeline
 from maedet.builders.model import build_detection_model, load_detection_weights
 from maedet.checkpoint.convert import peek_meta
-from maedet.checkpoint.io import load_checkpoint_file
 from maedet.checkpoint.formats.maedet import num_classes_of
+from maedet.checkpoint.io import load_checkpoint_file
 from maedet.checkpoint.report import unwrap_state_dict
 from maedet.inference.predictor import Predictor
 from maedet.utils.errors import CheckpointError, ConfigError
@@ -55,13 +56,19 @@ def build_predictor(
     weights = os.fspath(weights)
     meta = peek_meta(weights)
     names = meta.get("class_names")
-    num_classes = meta.get("num_classes") or (len(names) if names else None) or \
-        (len(class_names) if class_names else None) or cfg.model.num_classes
+    num_classes = (
+        meta.get("num_classes")
+        or (len(names) if names else None)
+        or (len(class_names) if class_names else None)
+        or cfg.model.num_classes
+    )
     if not num_classes:
         num_classes = num_classes_of(unwrap_state_dict(load_checkpoint_file(weights), weights))
     if not num_classes:
-        raise CheckpointError(f"{weights}: cannot tell the number of classes (no meta.num_classes / class_names "
-                              "in the checkpoint and model.num_classes=0 in the config)")
+        raise CheckpointError(
+            f"{weights}: cannot tell the number of classes (no meta.num_classes / class_names "
+            "in the checkpoint and model.num_classes=0 in the config)"
+        )
     if class_names is not None and len(class_names) != int(num_classes):
         raise ConfigError(f"{len(class_names)} class_names given, but the model has {num_classes} classes")
     model = build_detection_model(cfg.model, int(num_classes), load_pretrained=False)
@@ -70,9 +77,14 @@ def build_predictor(
     if score_thresh is not None and hasattr(heads, "score_thresh"):
         # the model drops boxes below its own threshold before the Predictor sees them
         heads.score_thresh = min(float(heads.score_thresh), float(score_thresh))
-    predictor = Predictor(model, transform=build_pipeline(cfg.data.test.pipeline, "data.test.pipeline"),
-                          class_names=list(class_names) if class_names is not None else names,
-                          label_to_cat_id=meta.get("label_to_cat_id"), device=device, amp=amp,
-                          score_thresh=score_thresh)
+    predictor = Predictor(
+        model,
+        transform=build_pipeline(cfg.data.test.pipeline, "data.test.pipeline"),
+        class_names=list(class_names) if class_names is not None else names,
+        label_to_cat_id=meta.get("label_to_cat_id"),
+        device=device,
+        amp=amp,
+        score_thresh=score_thresh,
+    )
     predictor.cfg, predictor.meta = cfg, meta
     return predictor

@@ -1,4 +1,5 @@
 """Optimizer, parameter groups and lr schedule from a ``solver`` config section."""
+
 from __future__ import annotations
 
 import logging
@@ -45,8 +46,9 @@ def build_lr_schedule(solver: Any, max_iter: int, warmup: int) -> LRSchedule:
         bad = [int(x) for x in solver.steps if not 0 < int(x) < max_iter]
         if bad:
             raise ConfigError(f"solver.steps {list(solver.steps)}: steps {bad} are outside (0, max_iter={max_iter})")
-    return LRSchedule(solver.schedule, max_iter, warmup, solver.warmup_factor, solver.min_lr_ratio,
-                      solver.steps, solver.gamma)
+    return LRSchedule(
+        solver.schedule, max_iter, warmup, solver.warmup_factor, solver.min_lr_ratio, solver.steps, solver.gamma
+    )
 
 
 def build_solver_optimizer(solver: Any, model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -62,8 +64,13 @@ def build_solver_optimizer(solver: Any, model: nn.Module, lr: float, device: tor
             raise ConfigError(f"solver.layer_decay={solver.layer_decay}: {type(model).__name__} has no layer ids")
         layer_id_fn, num_layers = model.layer_id, model.backbone.num_layers
     groups = param_groups(
-        model, solver.weight_decay, weight_decay_norm=solver.weight_decay_norm, no_decay_1d=solver.no_decay_1d,
-        no_weight_decay=list(solver.no_weight_decay), layer_decay=solver.layer_decay, num_layers=num_layers,
+        model,
+        solver.weight_decay,
+        weight_decay_norm=solver.weight_decay_norm,
+        no_decay_1d=solver.no_decay_1d,
+        no_weight_decay=list(solver.no_weight_decay),
+        layer_decay=solver.layer_decay,
+        num_layers=num_layers,
         layer_id_fn=layer_id_fn,
     )
     return build_optimizer(groups, solver.optimizer, lr, solver.betas, solver.momentum, solver.fused, device)

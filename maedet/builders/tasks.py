@@ -1,4 +1,5 @@
 """The runs the tools start: MAE pretraining, detection training, detection evaluation."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,14 @@ from maedet.utils.amp import amp_dtype
 from maedet.utils.errors import ConfigError
 from maedet.utils.fileio import atomic_write_text
 
-__all__ = ["ENCODER_CHECKPOINT", "run_pretraining", "run_detection_training", "run_evaluation", "dataset_meta",
-           "check_class_match"]
+__all__ = [
+    "ENCODER_CHECKPOINT",
+    "run_pretraining",
+    "run_detection_training",
+    "run_evaluation",
+    "dataset_meta",
+    "check_class_match",
+]
 
 logger = logging.getLogger("maedet")
 
@@ -37,8 +44,7 @@ Results = Dict[str, Dict[str, float]]
 
 
 # ------------------------------------------------------------------ pretraining
-def run_pretraining(cfg: Any, device: torch.device, resume: bool = False,
-                    extra_hooks: Sequence[HookBase] = ()) -> str:
+def run_pretraining(cfg: Any, device: torch.device, resume: bool = False, extra_hooks: Sequence[HookBase] = ()) -> str:
     """Train an MAE as configured; returns the path of the encoder checkpoint (``encoder_final.pth``)."""
     dataset = build_pretrain_dataset(cfg.data)
     logger.info(f"pretraining on {len(dataset)} images")
@@ -51,8 +57,11 @@ def run_pretraining(cfg: Any, device: torch.device, resume: bool = False,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             images = torch.stack([dataset[i] for i in range(n)]) if n else torch.zeros(0)
-        hooks.append(ReconstructionVisHook(images, cfg.vis.period, cfg.model.mask_ratio, cfg.output_dir,
-                                           IMAGENET_MEAN, IMAGENET_STD))
+        hooks.append(
+            ReconstructionVisHook(
+                images, cfg.vis.period, cfg.model.mask_ratio, cfg.output_dir, IMAGENET_MEAN, IMAGENET_STD
+            )
+        )
     trainer = build_trainer(cfg, model, dataset, "pretrain", mae_loss_fn(cfg.model.mask_ratio), hooks, device)
     if resume:
         trainer.resume()
@@ -60,9 +69,15 @@ def run_pretraining(cfg: Any, device: torch.device, resume: bool = False,
     path = os.path.join(cfg.output_dir, ENCODER_CHECKPOINT)
     if du.is_main_process():
         m = cfg.model
-        meta: Dict[str, Any] = {"format": "maedet-mae-encoder", "iter": trainer.iter, "img_size": m.img_size,
-                                "patch_size": m.patch_size, "embed_dim": m.embed_dim, "depth": m.depth,
-                                "num_heads": m.num_heads}
+        meta: Dict[str, Any] = {
+            "format": "maedet-mae-encoder",
+            "iter": trainer.iter,
+            "img_size": m.img_size,
+            "patch_size": m.patch_size,
+            "embed_dim": m.embed_dim,
+            "depth": m.depth,
+            "num_heads": m.num_heads,
+        }
         atomic_save({"model": unwrap_model(trainer.model).encoder_state_dict(), "meta": meta}, path)
         logger.info(f"encoder checkpoint written: {path}")
     du.synchronize()
@@ -72,12 +87,14 @@ def run_pretraining(cfg: Any, device: torch.device, resume: bool = False,
 # -------------------------------------------------------------------- detection
 def dataset_meta(ds: CocoInstanceDataset) -> Dict[str, Any]:
     """The categories of a dataset as stored in detection checkpoints."""
-    return {"class_names": list(ds.class_names), "label_to_cat_id": {int(k): int(v) for k, v in ds.label_to_cat_id.items()}}
+    return {
+        "class_names": list(ds.class_names),
+        "label_to_cat_id": {int(k): int(v) for k, v in ds.label_to_cat_id.items()},
+    }
 
 
 def _categories(names: Sequence[str], label_to_cat_id: Mapping[Any, Any]) -> List[tuple]:
-    return [(int(label_to_cat_id.get(i + 1, label_to_cat_id.get(str(i + 1), -1))), str(n))
-            for i, n in enumerate(names)]
+    return [(int(label_to_cat_id.get(i + 1, label_to_cat_id.get(str(i + 1), -1))), str(n)) for i, n in enumerate(names)]
 
 
 def check_class_match(meta: Mapping[str, Any], test: CocoInstanceDataset, weights: str, policy: str) -> None:
@@ -91,16 +108,20 @@ def check_class_match(meta: Mapping[str, Any], test: CocoInstanceDataset, weight
     names = meta.get("class_names")
     theirs = _categories(test.class_names, test.label_to_cat_id)
     if not names:
-        logger.warning(f"{weights} stores no class names: its labels are scored as the test set's categories "
-                       "in order (by position)")
+        logger.warning(
+            f"{weights} stores no class names: its labels are scored as the test set's categories "
+            "in order (by position)"
+        )
         return
     ours = _categories(names, meta.get("label_to_cat_id") or {})
     if ours == theirs or policy == "by_position":
         return
     fmt = lambda cats: ", ".join(f"{c}:{n}" for c, n in cats[:8]) + (" ..." if len(cats) > 8 else "")  # noqa: E731
-    raise ConfigError(f"the model {weights} was trained on other classes than the test set {test.json_file}: "
-                      f"model [{fmt(ours)}] ({len(ours)} classes), test set [{fmt(theirs)}] ({len(theirs)} "
-                      "classes); test.class_mismatch=by_position scores them by position")
+    raise ConfigError(
+        f"the model {weights} was trained on other classes than the test set {test.json_file}: "
+        f"model [{fmt(ours)}] ({len(ours)} classes), test set [{fmt(theirs)}] ({len(theirs)} "
+        "classes); test.class_mismatch=by_position scores them by position"
+    )
 
 
 def _make_eval_fn(cfg: Any, test_ds: CocoInstanceDataset, device: torch.device):
@@ -115,8 +136,12 @@ def _make_eval_fn(cfg: Any, test_ds: CocoInstanceDataset, device: torch.device):
 
 
 def _checkpoint_meta(cfg: Any, train_ds: CocoInstanceDataset, num_classes: int) -> Dict[str, Any]:
-    return {"format": DETECTION_FORMAT, "num_classes": num_classes, **dataset_meta(train_ds),
-            "model_config": OmegaConf.to_container(cfg.model, resolve=True)}
+    return {
+        "format": DETECTION_FORMAT,
+        "num_classes": num_classes,
+        **dataset_meta(train_ds),
+        "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+    }
 
 
 def run_detection_training(cfg: Any, device: torch.device, resume: bool = False) -> Results:
@@ -124,14 +149,18 @@ def run_detection_training(cfg: Any, device: torch.device, resume: bool = False)
     train_ds = build_detection_dataset(cfg.data, "train", train=True)
     num_classes = cfg.model.num_classes or len(train_ds.class_names)
     if num_classes != len(train_ds.class_names):
-        raise ConfigError(f"model.num_classes={num_classes} but the training set {train_ds.json_file} has "
-                          f"{len(train_ds.class_names)} categories")
+        raise ConfigError(
+            f"model.num_classes={num_classes} but the training set {train_ds.json_file} has "
+            f"{len(train_ds.class_names)} categories"
+        )
     logger.info(f"training set {train_ds.dataset_name}: {len(train_ds)} images, {num_classes} classes")
     test_ds = build_detection_dataset(cfg.data, "test", train=False)
-    if _categories(test_ds.class_names, test_ds.label_to_cat_id) != _categories(train_ds.class_names,
-                                                                              train_ds.label_to_cat_id):
-        raise ConfigError(f"the test set {test_ds.json_file} and the training set {train_ds.json_file} have "
-                          "different categories")
+    if _categories(test_ds.class_names, test_ds.label_to_cat_id) != _categories(
+        train_ds.class_names, train_ds.label_to_cat_id
+    ):
+        raise ConfigError(
+            f"the test set {test_ds.json_file} and the training set {train_ds.json_file} have different categories"
+        )
     model = build_detection_model(cfg.model, num_classes)
     if cfg.model.weights:
         load_detection_weights(model, cfg.model.weights)
@@ -139,8 +168,9 @@ def run_detection_training(cfg: Any, device: torch.device, resume: bool = False)
     if cfg.train.compile:
         model.backbone.net = torch.compile(model.backbone.net)
     meta = _checkpoint_meta(cfg, train_ds, num_classes)
-    eval_hook = EvalHook(cfg.test.eval_period, _make_eval_fn(cfg, test_ds, device), cfg.test.best_metric,
-                         cfg.output_dir, meta)
+    eval_hook = EvalHook(
+        cfg.test.eval_period, _make_eval_fn(cfg, test_ds, device), cfg.test.best_metric, cfg.output_dir, meta
+    )
     # The final weights are written before the final evaluation runs.
     hooks = [FinalWeightsHook(cfg.output_dir, meta), eval_hook]
     trainer = build_trainer(cfg, model, train_ds, "detection", detection_loss, hooks, device)
@@ -164,7 +194,8 @@ def run_evaluation(cfg: Any, device: torch.device) -> Results:
     model.to(device)
     results = _make_eval_fn(cfg, test_ds, device)(model)
     if du.is_main_process():
-        atomic_write_text(os.path.join(cfg.output_dir, "eval_metrics.json"),
-                          json.dumps({"weights": cfg.model.weights, "dataset": test_ds.json_file, **results}, indent=2))
+        atomic_write_text(
+            os.path.join(cfg.output_dir, "eval_metrics.json"),
+            json.dumps({"weights": cfg.model.weights, "dataset": test_ds.json_file, **results}, indent=2),
+        )
     return results
-

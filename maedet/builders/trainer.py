@@ -1,8 +1,9 @@
 """The trainer from a config: one wiring for pretraining and detection training."""
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Sequence, Sized
 
 import torch
 from torch import nn
@@ -29,14 +30,24 @@ def per_process_batch(train_cfg: Any) -> int:
     if train_cfg.total_batch_size > 0:
         denom = du.get_world_size() * train_cfg.accum_steps
         if train_cfg.total_batch_size % denom != 0:
-            raise ConfigError(f"train.total_batch_size={train_cfg.total_batch_size} is not divisible by "
-                              f"{du.get_world_size()} processes x {train_cfg.accum_steps} accumulation steps")
+            raise ConfigError(
+                f"train.total_batch_size={train_cfg.total_batch_size} is not divisible by "
+                f"{du.get_world_size()} processes x {train_cfg.accum_steps} accumulation steps"
+            )
         return train_cfg.total_batch_size // denom
     return train_cfg.batch_size
 
 
-def build_trainer(cfg: Any, model: nn.Module, dataset, collate: str, loss_fn: Callable, hooks: Sequence[HookBase],
-                  device: torch.device, **log_info: Any) -> Trainer:
+def build_trainer(
+    cfg: Any,
+    model: nn.Module,
+    dataset: Sized,
+    collate: str,
+    loss_fn: Callable,
+    hooks: Sequence[HookBase],
+    device: torch.device,
+    **log_info: Any,
+) -> Trainer:
     """A :class:`Trainer` for ``model`` on ``dataset`` as ``cfg.train`` and ``cfg.solver`` say.
 
     Args:
@@ -52,16 +63,31 @@ def build_trainer(cfg: Any, model: nn.Module, dataset, collate: str, loss_fn: Ca
     world = du.get_world_size()
     samples_per_iter = batch * world * t.accum_steps
     lr, max_iter, warmup = derive_schedule(cfg.solver, len(dataset), samples_per_iter)
-    logger.info(f"batch {batch} per process x {world} processes x {t.accum_steps} accumulation = "
-                f"{samples_per_iter}; peak lr {lr:.3e}; {max_iter} iterations ({warmup} warm-up)")
+    logger.info(
+        f"batch {batch} per process x {world} processes x {t.accum_steps} accumulation = "
+        f"{samples_per_iter}; peak lr {lr:.3e}; {max_iter} iterations ({warmup} warm-up)"
+    )
     schedule = build_lr_schedule(cfg.solver, max_iter, warmup)
     optimizer = build_solver_optimizer(cfg.solver, model, lr, device)
     return Trainer(
-        model, optimizer, build_train_loader_fn(dataset, collate, batch, t, device), loss_fn, schedule,
-        lr=lr, max_iter=max_iter, samples_per_iter=samples_per_iter, output_dir=cfg.output_dir, device=device,
-        amp=t.amp, accum_steps=t.accum_steps, clip_grad_norm=cfg.solver.clip_grad_norm,
-        checkpoint_period=t.checkpoint_period, log_period=t.log_period, max_to_keep=t.max_to_keep,
-        nonfinite=t.nonfinite, hooks=list(hooks),
+        model,
+        optimizer,
+        build_train_loader_fn(dataset, collate, batch, t, device),
+        loss_fn,
+        schedule,
+        lr=lr,
+        max_iter=max_iter,
+        samples_per_iter=samples_per_iter,
+        output_dir=cfg.output_dir,
+        device=device,
+        amp=t.amp,
+        accum_steps=t.accum_steps,
+        clip_grad_norm=cfg.solver.clip_grad_norm,
+        checkpoint_period=t.checkpoint_period,
+        log_period=t.log_period,
+        max_to_keep=t.max_to_keep,
+        nonfinite=t.nonfinite,
+        hooks=list(hooks),
         ddp=DDPOptions(t.ddp_grad_compression, t.ddp_bucket_view, t.ddp_find_unused),
     )
 

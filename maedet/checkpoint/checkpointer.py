@@ -1,4 +1,5 @@
 """Training checkpoints: periodic atomic saves, ``last_checkpoint`` pointer, resume."""
+
 from __future__ import annotations
 
 import glob
@@ -78,7 +79,7 @@ class Checkpointer:
 
     def last_checkpoint_name(self) -> Optional[str]:
         try:
-            with open(self.pointer_path, "r", encoding="utf-8") as f:
+            with open(self.pointer_path, encoding="utf-8") as f:
                 name = f.read().strip()
         except FileNotFoundError:
             return None

@@ -12,6 +12,7 @@ Detection conversions need the architecture: its ``layout`` (the model's
 state dict on the ``meta`` device, built from a config by
 :func:`maedet.builders.model.detection_layout`), given by the caller.
 """
+
 from __future__ import annotations
 
 import copy
@@ -76,16 +77,25 @@ class ConversionResult:
 def _encoder(src_fmt: str, dst_fmt: str):
     def run(obj: Any, report: Report, opt: ConversionOptions) -> ConversionResult:
         state = mae.read_encoder(obj, report.source, src_fmt)
-        enc, info = mae.convert_vit_encoder(state, report, expected=opt.expected, img_size=opt.img_size,
-                                            patch_size=opt.patch_size, patch_resize=opt.patch_resize,
-                                            allow_missing=opt.allow_missing)
+        enc, info = mae.convert_vit_encoder(
+            state,
+            report,
+            expected=opt.expected,
+            img_size=opt.img_size,
+            patch_size=opt.patch_size,
+            patch_resize=opt.patch_resize,
+            allow_missing=opt.allow_missing,
+        )
         heads = (opt.expected or {}).get("num_heads")
-        report.notes.append(f"encoder: embed_dim {info['embed_dim']}, depth {info['depth']}, patch "
-                            f"{info['patch_size']}, img_size {info['img_size']}")
+        report.notes.append(
+            f"encoder: embed_dim {info['embed_dim']}, depth {info['depth']}, patch "
+            f"{info['patch_size']}, img_size {info['img_size']}"
+        )
         if dst_fmt == "timm":
             return ConversionResult(enc, report, timm.write_timm)
         ckpt = mae.encoder_checkpoint(enc, info, obj, heads, converted_from=report.source, source_format=src_fmt)
         return ConversionResult(ckpt, report, atomic_save)
+
     return run
 
 
@@ -94,8 +104,10 @@ def _det_to_d2(obj: Any, report: Report, opt: ConversionOptions) -> ConversionRe
     out, background = d2.maedet_det_to_d2(state, report, opt.layout)
     if report.missing and not opt.allow_missing:
         mae.raise_missing(report)
-    report.notes.append("unused background rows of bbox_pred / mask_fcn_logits kept under 'maedet.background' "
-                        "(ignored by detectron2) so that converting back is exact")
+    report.notes.append(
+        "unused background rows of bbox_pred / mask_fcn_logits kept under 'maedet.background' "
+        "(ignored by detectron2) so that converting back is exact"
+    )
     extra: Dict[str, Any] = {"background": background}
     if meta:
         extra["meta"] = copy.deepcopy(meta)
@@ -104,8 +116,10 @@ def _det_to_d2(obj: Any, report: Report, opt: ConversionOptions) -> ConversionRe
 
 def _d2_to_det(obj: Any, report: Report, opt: ConversionOptions) -> ConversionResult:
     if opt.layout is None:
-        raise ConfigError(f"converting {report.source} needs the architecture: give --config (the maedet "
-                          "config of the model, e.g. configs/coco/mask_rcnn_vit_b_100ep.yaml)")
+        raise ConfigError(
+            f"converting {report.source} needs the architecture: give --config (the maedet "
+            "config of the model, e.g. configs/coco/mask_rcnn_vit_b_100ep.yaml)"
+        )
     extra = obj.get("maedet") if isinstance(obj, Mapping) and isinstance(obj.get("maedet"), Mapping) else {}
     state = unwrap_state_dict(obj, report.source)
     out = d2.d2_to_maedet_det(state, report, opt.layout, background=extra.get("background"))

@@ -5,6 +5,7 @@ renames it over the target, so a reader (or a crash) never sees a half-written
 file. ``load_checkpoint_file`` turns every way a file can be wrong into one
 :class:`~maedet.utils.errors.CheckpointError` naming the file.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,7 +66,8 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu", weights_only: Opt
                 raise CheckpointError(
                     f"checkpoint {path} holds Python objects that the safe loader refuses (it pickles {what}); "
                     "if you trust its source, rerun with --trust (library: weights_only=False), which "
-                    "unpickles it and can run arbitrary code") from e
+                    "unpickles it and can run arbitrary code"
+                ) from e
             raise CheckpointError(f"cannot read pickle checkpoint {path}: {msg}") from e
     try:
         return torch.load(path, map_location=map_location, weights_only=bool(weights_only))
@@ -76,8 +78,9 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu", weights_only: Opt
         if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
             # neither torch.save's zip archive nor its (protocol >= 2) pickle: say so, rather
             # than let the safe unpickler's refusal suggest it is a checkpoint with objects
-            raise CheckpointError(f"not a checkpoint: {path} (neither a PyTorch zip archive nor a pickle; "
-                                  f"the file starts with {head!r})") from e
+            raise CheckpointError(
+                f"not a checkpoint: {path} (neither a PyTorch zip archive nor a pickle; the file starts with {head!r})"
+            ) from e
         if weights_only and ("Weights only load failed" in msg or "weights_only" in msg):
             raise CheckpointError(
                 f"checkpoint {path} holds Python objects that the safe loader refuses; "

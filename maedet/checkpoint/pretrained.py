@@ -9,6 +9,7 @@ the ViT drops the class token, final norm and decoder and resizes the position
 table); everything is checked before anything is loaded, so a failed load leaves
 the model untouched. A one-table :class:`~maedet.checkpoint.report.Report` is logged.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,10 @@ def load_pretrained_backbone(
     own = backbone.state_dict()
     if not any(k in own for k in state) and not any(k.startswith(("patch_embed.", "blocks.")) for k in state):
         sample = ", ".join(list(state)[:5])
-        raise CheckpointError(f"checkpoint {source} has no recognizable keys for this backbone "
-                              f"(no recognizable ViT keys, e.g. patch_embed.proj.weight, blocks.0.*; found: {sample})")
+        raise CheckpointError(
+            f"checkpoint {source} has no recognizable keys for this backbone "
+            f"(no recognizable ViT keys, e.g. patch_embed.proj.weight, blocks.0.*; found: {sample})"
+        )
     try:
         fitted = backbone.filter_pretrained(state)
     except CheckpointError as e:

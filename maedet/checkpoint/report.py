@@ -1,4 +1,5 @@
 """What a checkpoint load or conversion did (one report type), and the one checkpoint unwrapper."""
+
 from __future__ import annotations
 
 import re
@@ -17,9 +18,9 @@ BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 _WRAPPERS = ("model", "state_dict", "encoder")
 
 
-def group_keys(keys: Sequence[str]) -> "OrderedDict[str, int]":
+def group_keys(keys: Sequence[str]) -> OrderedDict[str, int]:
     """Collapse numbered layers: ``blocks.3.attn.rel_pos_h`` -> ``blocks.*.attn.rel_pos_h``, with counts."""
-    out: "OrderedDict[str, int]" = OrderedDict()
+    out: OrderedDict[str, int] = OrderedDict()
     for k in keys:
         pattern = re.sub(r"(^|\.)(blocks|decoder_blocks)\.\d+\.", r"\1\2.*.", k)
         out[pattern] = out.get(pattern, 0) + 1
@@ -53,7 +54,7 @@ class Report:
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     dropped: List[str] = field(default_factory=list)
-    changed: "OrderedDict[str, str]" = field(default_factory=OrderedDict)
+    changed: OrderedDict[str, str] = field(default_factory=OrderedDict)
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -63,8 +64,13 @@ class Report:
     def table(self) -> str:
         """A printable table: counts per category, then the keys behind each non-zero count."""
         head = f"{self.action}: {self.source}" + (f" -> {self.destination}" if self.destination else "")
-        rows = [("loaded", self.loaded), ("missing", self.missing), ("unexpected", self.unexpected),
-                ("dropped", self.dropped), ("changed", list(self.changed))]
+        rows = [
+            ("loaded", self.loaded),
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("dropped", self.dropped),
+            ("changed", list(self.changed)),
+        ]
         lines = [head, "  +------------+-------+", "  | keys       | count |", "  +------------+-------+"]
         lines += [f"  | {name:<10} | {len(keys):>5} |" for name, keys in rows]
         lines.append("  +------------+-------+")
@@ -94,7 +100,7 @@ def shape_of(t: Any) -> Tuple[int, ...]:
     return tuple(int(s) for s in t.shape)
 
 
-def unwrap_state_dict(obj: Any, source: str, strip_prefix: str = "") -> "OrderedDict[str, torch.Tensor]":
+def unwrap_state_dict(obj: Any, source: str, strip_prefix: str = "") -> OrderedDict[str, torch.Tensor]:
     """The tensors of a checkpoint object, however it is wrapped.
 
     Looks through up to two levels of ``model`` / ``state_dict`` / ``encoder``
@@ -113,16 +119,16 @@ def unwrap_state_dict(obj: Any, source: str, strip_prefix: str = "") -> "Ordered
         if inner is None:
             break
         state = inner
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for k, v in state.items():
         t = to_tensor(v)
         if not isinstance(k, str) or t is None:
             continue
-        k = k[len("module."):] if k.startswith("module.") else k
+        k = k[len("module.") :] if k.startswith("module.") else k
         if strip_prefix:
             if not k.startswith(strip_prefix):
                 continue
-            k = k[len(strip_prefix):]
+            k = k[len(strip_prefix) :]
         out[k] = t
     if not out:
         sample = ", ".join(str(k) for k in list(state.keys())[:5])

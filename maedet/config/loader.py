@@ -8,6 +8,7 @@ unknown key or a value of the wrong type fails at start-up with a
 :class:`~maedet.utils.errors.ConfigError` naming the key and the file (or override)
 that set it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,15 @@ from omegaconf.errors import OmegaConfBaseException
 from maedet.utils.errors import ConfigError
 from maedet.utils.fileio import atomic_write_text
 
-__all__ = ["load_yaml_with_bases", "load_config", "save_config", "to_yaml", "check_ranges", "check_complete",
-           "describe_range"]
+__all__ = [
+    "load_yaml_with_bases",
+    "load_config",
+    "save_config",
+    "to_yaml",
+    "check_ranges",
+    "check_complete",
+    "describe_range",
+]
 
 BASE_KEY = "_base_"
 
@@ -55,7 +63,7 @@ def _read_yaml(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             data = _parse_yaml(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
@@ -89,7 +97,9 @@ def load_yaml_with_bases(path: str, _stack: Tuple[str, ...] = ()) -> List[Tuple[
     for base in bases:
         base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
         if not os.path.isfile(base_path):
-            raise ConfigError(f"{BASE_KEY} '{base}' named in {path} not found (looked for {os.path.abspath(base_path)})")
+            raise ConfigError(
+                f"{BASE_KEY} '{base}' named in {path} not found (looked for {os.path.abspath(base_path)})"
+            )
         chain.extend(load_yaml_with_bases(base_path, _stack + (path,)))
     chain.append((path, data))
     return chain
@@ -172,11 +182,13 @@ def load_config(path: str, overrides: Optional[Sequence[str]] = None, schema: Op
 
 def check_complete(cfg: DictConfig, path: str, prefix: str = "") -> None:
     """Raise a ConfigError for the first mandatory key (``???``) that no file or override set."""
-    for key in cfg.keys():
+    for key in cfg:
         full = f"{prefix}{key}"
         if OmegaConf.is_missing(cfg, key):
-            raise ConfigError(f"key '{full}' is not set in {path} or its bases (it has no default; "
-                              f"set it in the config or with {full}=VALUE)")
+            raise ConfigError(
+                f"key '{full}' is not set in {path} or its bases (it has no default; "
+                f"set it in the config or with {full}=VALUE)"
+            )
         node = cfg._get_node(key)
         if isinstance(node, DictConfig):
             check_complete(node, path, full + ".")
@@ -191,8 +203,12 @@ def describe_range(bounds: Dict[str, float]) -> str:
 def _in_range(value: float, bounds: Dict[str, float]) -> bool:
     if isinstance(value, float) and math.isnan(value):
         return False
-    checks = {"ge": lambda b: value >= b, "gt": lambda b: value > b, "le": lambda b: value <= b,
-              "lt": lambda b: value < b}
+    checks = {
+        "ge": lambda b: value >= b,
+        "gt": lambda b: value > b,
+        "le": lambda b: value <= b,
+        "lt": lambda b: value < b,
+    }
     return all(checks[k](b) for k, b in bounds.items())
 
 
@@ -206,9 +222,9 @@ def check_ranges(cfg: DictConfig, schema: Type, prefix: str = "") -> None:
         value = cfg.get(f.name)
         full = f"{prefix}{f.name}"
         bounds = f.metadata.get("range")
-        if bounds and value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
-            if not _in_range(value, bounds):
-                raise ConfigError(f"{full}={value}: must be {describe_range(bounds)}")
+        numeric = value is not None and not isinstance(value, bool) and isinstance(value, (int, float))
+        if bounds and numeric and not _in_range(value, bounds):
+            raise ConfigError(f"{full}={value}: must be {describe_range(bounds)}")
         sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
         sub_type = type(sub()) if sub is not None else None
         if sub_type is not None and dataclasses.is_dataclass(sub_type) and isinstance(value, DictConfig):

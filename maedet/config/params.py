@@ -13,6 +13,7 @@ a ``Literal`` fail naming the key; an argument without a default must be set in
 the config. Arguments whose type cannot come from a YAML file (modules,
 callables) keep their Python defaults and are not configurable.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,8 @@ def config_type(hint: Any) -> Optional[Any]:
             return Optional[inner] if inner is not None else None
         return None
     if origin in (list, tuple, Sequence, typing.Sequence) or (
-            origin is not None and isinstance(origin, type) and issubclass(origin, Sequence)
-            and origin is not str):
+        origin is not None and isinstance(origin, type) and issubclass(origin, Sequence) and origin is not str
+    ):
         elems = [a for a in args if a is not Ellipsis]
         if not elems:
             return List[Any]
@@ -91,7 +92,7 @@ def _plain_default(value: Any) -> Any:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def signature_schema(fn: Callable, supplied: Tuple[str, ...] = ()) -> Type:
     """A dataclass whose fields are the configurable keyword arguments of ``fn``.
 

@@ -17,6 +17,7 @@ The parts of a detector (``model.backbone``, ``model.neck``, ``model.rpn``,
 other keys are its constructor's keyword arguments, checked against its
 signature when the config is resolved (:mod:`maedet.builders.config`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,8 +45,14 @@ AmpMode = Literal["auto", "off", "bf16", "fp16"]
 OnBadImage = Literal["fail", "skip"]
 
 
-def bounded(default: Any = MISSING, *, ge: Optional[float] = None, gt: Optional[float] = None,
-            le: Optional[float] = None, lt: Optional[float] = None) -> Any:
+def bounded(
+    default: Any = MISSING,
+    *,
+    ge: Optional[float] = None,
+    gt: Optional[float] = None,
+    le: Optional[float] = None,
+    lt: Optional[float] = None,
+) -> Any:
     """A dataclass field with a numeric range (checked at load; ``None`` values are not checked).
 
     Without ``default`` the key is mandatory (``???``): the YAML files must set it.
@@ -173,8 +180,7 @@ class PretrainConfig:
     model: MAEModelConfig = field(default_factory=MAEModelConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     solver: SolverConfig = field(
-        default_factory=lambda: SolverConfig(betas=[0.9, 0.95], weight_decay=0.05, base_lr=1.5e-4,
-                                             no_decay_1d=True)
+        default_factory=lambda: SolverConfig(betas=[0.9, 0.95], weight_decay=0.05, base_lr=1.5e-4, no_decay_1d=True)
     )
     train: TrainConfig = field(default_factory=TrainConfig)
     vis: VisConfig = field(default_factory=VisConfig)
@@ -216,7 +222,8 @@ class DatasetSplitConfig:
 class DetDataConfig:
     train: DatasetSplitConfig = field(default_factory=DatasetSplitConfig)
     test: DatasetSplitConfig = field(
-        default_factory=lambda: DatasetSplitConfig(pipeline={"name": "resize_shortest_edge"}))
+        default_factory=lambda: DatasetSplitConfig(pipeline={"name": "resize_shortest_edge"})
+    )
     on_bad_image: OnBadImage = "fail"  # what an unreadable or mis-sized image does (checked before training)
     check_images: bool = True  # read every image header before training (cached by size and mtime)
 

@@ -4,6 +4,7 @@ Names are imported from their submodules on first use, so that light users (e.g.
 ``datasets/prepare_toy.py``, which needs only :mod:`maedet.data.toy`) do not pay
 for importing torch and torchvision.
 """
+
 import importlib
 from typing import Any
 

@@ -11,6 +11,7 @@ variables read at that moment:
 
 Register your own data with ``DatasetCatalog.register(name, json_file, image_root)``.
 """
+
 import os
 from typing import Callable, Dict, List, Tuple, Union
 

@@ -4,6 +4,7 @@ The json is checked once, at construction, so that a training run never starts o
 a dataset it cannot read: every problem gives one :class:`~maedet.utils.errors.DatasetError`
 naming the file and the offending image/annotation id.
 """
+
 import contextlib
 import io
 import json
@@ -36,7 +37,7 @@ def _is_int(x) -> bool:
 
 def _read_json(json_file: str, where: str) -> Dict[str, Any]:
     try:
-        with open(json_file, "r", encoding="utf-8") as f:
+        with open(json_file, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         raise DatasetError(f"annotation file not found: {where}") from None
@@ -62,8 +63,10 @@ def _segmentation_problem(segm, height: int, width: int) -> Optional[str]:
             if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
                 return f"segmentation polygon {k} that is not a list of numbers"
             if len(poly) < 6 or len(poly) % 2:
-                return (f"a degenerate polygon (polygon {k} has {len(poly)} coordinates;"
-                        f" expected an even number >= 6, i.e. at least 3 points)")
+                return (
+                    f"a degenerate polygon (polygon {k} has {len(poly)} coordinates;"
+                    f" expected an even number >= 6, i.e. at least 3 points)"
+                )
         return None
     if isinstance(segm, dict):
         counts, size = segm.get("counts"), segm.get("size")
@@ -138,8 +141,10 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
         if name in by_name:
             problem = f"image ids {by_name[name]} and {iid} have the same file_name {img['file_name']!r}"
             if strict:
-                raise DatasetError(f"{where}: {problem}; strict=False (config: data.train.strict / "
-                                   "data.test.strict) drops the later image and its annotations with a warning")
+                raise DatasetError(
+                    f"{where}: {problem}; strict=False (config: data.train.strict / "
+                    "data.test.strict) drops the later image and its annotations with a warning"
+                )
             dropped.append(problem + f" (image id {iid} dropped)")
             dropped_images.add(iid)
             continue
@@ -183,17 +188,18 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
         if bbox[2] <= 0 or bbox[3] <= 0:
             problem = f"a bbox with non-positive width or height {bbox} (expected width and height > 0)"
         elif bbox[0] >= img["width"] or bbox[1] >= img["height"] or bbox[0] + bbox[2] <= 0 or bbox[1] + bbox[3] <= 0:
-            problem = (f"a bbox {bbox} entirely outside its image ({img['width']}x{img['height']}, "
-                       "width x height)")
+            problem = f"a bbox {bbox} entirely outside its image ({img['width']}x{img['height']}, width x height)"
         elif "segmentation" not in ann:
             raise DatasetError(f"{where}: annotation id {aid} has no 'segmentation' (expected polygons or RLE)")
         else:
             problem = _segmentation_problem(ann["segmentation"], img["height"], img["width"])
         if problem is not None:
             if strict:
-                raise DatasetError(f"{where}: annotation id {aid} (image id {img['id']}) has {problem}; "
-                                   "strict=False (config: data.train.strict / data.test.strict) drops such "
-                                   "annotations with a warning")
+                raise DatasetError(
+                    f"{where}: annotation id {aid} (image id {img['id']}) has {problem}; "
+                    "strict=False (config: data.train.strict / data.test.strict) drops such "
+                    "annotations with a warning"
+                )
             dropped.append(f"annotation id {aid} has {problem}")
             continue
         kept.append(ann)

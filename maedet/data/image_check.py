@@ -10,6 +10,7 @@ threads (I/O bound) with a progress bar, and each result is cached under
 ``$MAEDET_CACHE`` (default ``~/.cache/maedet``) keyed by the file's path, size
 and modification time, so a second run over the same data pays nothing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,10 @@ def check_image(path: str, expected_hw: Optional[Tuple[int, int]] = None) -> Opt
     if orientation in _TRANSPOSED:
         w, h = h, w
     if expected_hw is not None and (h, w) != tuple(expected_hw):
-        return (f"image size mismatch: {w}x{h} (width x height, EXIF orientation applied) but the "
-                f"annotation file says {expected_hw[1]}x{expected_hw[0]}")
+        return (
+            f"image size mismatch: {w}x{h} (width x height, EXIF orientation applied) but the "
+            f"annotation file says {expected_hw[1]}x{expected_hw[0]}"
+        )
     return None
 
 
@@ -103,7 +106,7 @@ def check_images(
     root = cache_root or os.path.commonpath([os.path.abspath(p) for p in paths])
     cache_path = _cache_file(root)
     try:
-        with open(cache_path, "r", encoding="utf-8") as f:
+        with open(cache_path, encoding="utf-8") as f:
             cache = json.load(f)
     except (OSError, ValueError):
         cache = {}
@@ -119,8 +122,14 @@ def check_images(
     todo = [i for i, k in enumerate(keys) if k is None or k not in cache]
     results: Dict[int, Optional[str]] = {i: cache[k] for i, k in enumerate(keys) if k is not None and k in cache}
     if todo:
-        bar = tqdm(total=len(todo), desc=f"checking {what}", unit="img", leave=False, file=sys.stderr,
-                   disable=not sys.stderr.isatty())
+        bar = tqdm(
+            total=len(todo),
+            desc=f"checking {what}",
+            unit="img",
+            leave=False,
+            file=sys.stderr,
+            disable=not sys.stderr.isatty(),
+        )
         with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
             for i, problem in zip(todo, pool.map(lambda j: check_image(paths[j], expected_hw[j]), todo)):
                 results[i] = problem
@@ -143,10 +152,12 @@ def report_bad_images(bad: Dict[str, str], total: int, what: str, policy: str, k
     if not bad:
         return []
     items = list(bad.items())
-    listed = "; ".join(f"{p}: {why}" for p, why in items[:5]) + (f"; and {len(items) - 5} more" if len(items) > 5
-                                                                 else "")
+    listed = "; ".join(f"{p}: {why}" for p, why in items[:5]) + (
+        f"; and {len(items) - 5} more" if len(items) > 5 else ""
+    )
     if policy == "fail":
-        raise DatasetError(f"{len(items)} of {total} {what} cannot be used: {listed} "
-                           f"({key}=skip leaves them out instead)")
+        raise DatasetError(
+            f"{len(items)} of {total} {what} cannot be used: {listed} ({key}=skip leaves them out instead)"
+        )
     logger.warning(f"skipping {len(items)} of {total} {what} that cannot be used ({key}=skip): {listed}")
     return [p for p, _ in items]

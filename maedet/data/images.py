@@ -5,6 +5,7 @@ unlabeled :class:`ImageFolderDataset` and the COCO instance dataset use it, so a
 corrupt, truncated or non-image file always gives the same clear
 :class:`~maedet.utils.errors.DatasetError` naming the file.
 """
+
 import json
 import os
 import warnings
@@ -40,12 +41,9 @@ def check_complete(data: bytes, path: str) -> None:
     if data.startswith(_JPEG_MAGIC):
         last_sos = data.rfind(b"\xff\xda")
         if last_sos < 0 or data.rfind(b"\xff\xd9") < last_sos:
-            raise DatasetError(
-                f"corrupt image: {path} (truncated JPEG: no end-of-image marker after the image data)"
-            )
-    elif data.startswith(_PNG_MAGIC):
-        if data.rfind(b"IEND") < 0:
-            raise DatasetError(f"corrupt image: {path} (truncated PNG: no IEND chunk)")
+            raise DatasetError(f"corrupt image: {path} (truncated JPEG: no end-of-image marker after the image data)")
+    elif data.startswith(_PNG_MAGIC) and data.rfind(b"IEND") < 0:
+        raise DatasetError(f"corrupt image: {path} (truncated PNG: no IEND chunk)")
 
 
 def read_image_rgb(path: str) -> np.ndarray:
@@ -119,7 +117,7 @@ def read_coco_image_entries(coco_json: str, need_id: bool = False) -> List[dict]
     """The ``images`` entries of a COCO json, each checked to have a ``file_name``
     (and an ``id`` with ``need_id``); any problem is a DatasetError naming the file."""
     try:
-        with open(coco_json, "r", encoding="utf-8") as f:
+        with open(coco_json, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         raise DatasetError(f"annotation file not found: {coco_json}") from None

@@ -5,9 +5,11 @@ produce each sample under its own seed (:class:`SeededDataset`), so the batch of
 given iteration is the same for any number of processes or workers and after a
 resume (pass ``start = iteration * global_batch_size``).
 """
-from typing import Any, Dict, List, Tuple
+
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from maedet.data.samplers import InferenceSampler, InfiniteSampler, SeededDataset
 
@@ -46,7 +48,9 @@ def collate_pretrain(batch: List[Tuple[torch.Tensor, int]]) -> Tuple[torch.Tenso
     return images, seeds
 
 
-def collate_detection_train(batch) -> Tuple[List[torch.Tensor], List[Dict[str, Any]], torch.Tensor]:
+def collate_detection_train(
+    batch: List[Tuple[Tuple[Any, Dict[str, Any]], int]],
+) -> Tuple[List[torch.Tensor], List[Dict[str, Any]], torch.Tensor]:
     """``[((image, target), seed), ...]`` -> ``(images, targets, seeds int64 (B,))``.
 
     Images are plain tensors as the transform produced them (uint8 ``(3, S, S)`` with
@@ -59,7 +63,7 @@ def collate_detection_train(batch) -> Tuple[List[torch.Tensor], List[Dict[str, A
     return images, targets, seeds
 
 
-def collate_detection_test(batch) -> Tuple[List[torch.Tensor], List[Dict[str, Any]]]:
+def collate_detection_test(batch: List[Tuple[Any, Dict[str, Any]]]) -> Tuple[List[torch.Tensor], List[Dict[str, Any]]]:
     """``[(image, target), ...]`` -> ``(images, targets)`` with plain tensors."""
     return [_plain(img) for img, _ in batch], [_plain_target(t) for _, t in batch]
 
@@ -73,8 +77,19 @@ def _loader_kwargs(num_workers: int, pin_memory: bool, persistent_workers: bool,
     return kwargs
 
 
-def _infinite_loader(dataset, collate_fn, batch_size, num_workers, seed, rank, world_size, start,
-                     pin_memory, persistent_workers, prefetch_factor) -> torch.utils.data.DataLoader:
+def _infinite_loader(
+    dataset: Dataset,
+    collate_fn,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    start: int,
+    pin_memory: bool,
+    persistent_workers: bool,
+    prefetch_factor: Optional[int],
+) -> DataLoader:
     """Endless, seeded, resumable training loader (shared by pretraining and detection)."""
     sampler = InfiniteSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size, start=start)
     return torch.utils.data.DataLoader(
@@ -88,7 +103,7 @@ def _infinite_loader(dataset, collate_fn, batch_size, num_workers, seed, rank, w
 
 
 def build_pretrain_loader(
-    dataset,
+    dataset: Dataset,
     batch_size: int,
     num_workers: int = 0,
     seed: int = 0,
@@ -97,7 +112,7 @@ def build_pretrain_loader(
     start: int = 0,
     pin_memory: bool = False,
     persistent_workers: bool = True,
-    prefetch_factor=None,
+    prefetch_factor: Optional[int] = None,
 ) -> torch.utils.data.DataLoader:
     """Endless loader of MAE pretraining batches.
 
@@ -115,12 +130,23 @@ def build_pretrain_loader(
     Yields:
         ``(images float (B, 3, S, S), seeds int64 (B,))``.
     """
-    return _infinite_loader(dataset, collate_pretrain, batch_size, num_workers, seed, rank, world_size, start,
-                            pin_memory, persistent_workers, prefetch_factor)
+    return _infinite_loader(
+        dataset,
+        collate_pretrain,
+        batch_size,
+        num_workers,
+        seed,
+        rank,
+        world_size,
+        start,
+        pin_memory,
+        persistent_workers,
+        prefetch_factor,
+    )
 
 
 def build_detection_train_loader(
-    dataset,
+    dataset: Dataset,
     batch_size: int,
     num_workers: int = 0,
     seed: int = 0,
@@ -129,7 +155,7 @@ def build_detection_train_loader(
     start: int = 0,
     pin_memory: bool = False,
     persistent_workers: bool = True,
-    prefetch_factor=None,
+    prefetch_factor: Optional[int] = None,
 ) -> torch.utils.data.DataLoader:
     """Endless loader of detection training batches.
 
@@ -140,12 +166,23 @@ def build_detection_train_loader(
         ``(images, targets, seeds)``: lists of ``B`` image tensors and target dicts
         (see :func:`collate_detection_train`) and int64 ``(B,)`` seeds.
     """
-    return _infinite_loader(dataset, collate_detection_train, batch_size, num_workers, seed, rank, world_size, start,
-                            pin_memory, persistent_workers, prefetch_factor)
+    return _infinite_loader(
+        dataset,
+        collate_detection_train,
+        batch_size,
+        num_workers,
+        seed,
+        rank,
+        world_size,
+        start,
+        pin_memory,
+        persistent_workers,
+        prefetch_factor,
+    )
 
 
 def build_detection_test_loader(
-    dataset,
+    dataset: Dataset,
     batch_size: int = 1,
     num_workers: int = 0,
     rank: int = 0,

@@ -7,6 +7,7 @@ the stream is the same for any number of processes, any number of DataLoader
 workers and any resume point: process ``r`` of ``W`` simply takes positions
 ``start + r, start + r + W, ...``.
 """
+
 import hashlib
 import random
 from typing import Iterator, Tuple
@@ -62,8 +63,9 @@ class InfiniteSampler(torch.utils.data.Sampler):
         meant for :class:`SeededDataset`.
     """
 
-    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, start: int = 0):
+    def __init__(
+        self, size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0
+    ):
         if size <= 0:
             raise ValueError(f"InfiniteSampler needs a non-empty dataset, got size={size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -129,7 +131,7 @@ class SeededDataset(torch.utils.data.Dataset):
     Returns (per item): ``(sample, seed)``.
     """
 
-    def __init__(self, dataset):
+    def __init__(self, dataset: torch.utils.data.Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:

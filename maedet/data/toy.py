@@ -11,6 +11,7 @@ Layout written under ``output_dir``::
     annotations/instances_train.json   annotations/instances_val.json
     train/000001.jpg ...               val/000001.jpg ...
 """
+
 import json
 import os
 from typing import Dict, List, Optional, Tuple
@@ -37,7 +38,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     c1 = rng.uniform(70, 170, size=3)
     angle = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
-    t = (np.cos(angle) * xx + np.sin(angle) * yy)
+    t = np.cos(angle) * xx + np.sin(angle) * yy
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     img = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
     coarse = rng.normal(0, 18, size=(6, 6, 3)).astype(np.float32)
@@ -96,7 +97,7 @@ def render_toy_scene(
             ok = True
             for k, prev in enumerate(full):
                 covered = m.copy()
-                for later in full[k + 1:]:
+                for later in full[k + 1 :]:
                     covered |= later
                 if (prev & ~covered).sum() < _MIN_VISIBLE_FRACTION * prev.sum():
                     ok = False
@@ -111,7 +112,7 @@ def render_toy_scene(
     for k in range(len(full) - 1, -1, -1):  # top-most first
         visible[k] = full[k] & ~occluder
         occluder |= full[k]
-    for k, m in enumerate(full):  # paint bottom to top
+    for m in full:  # paint bottom to top
         color = _color(rng)
         shade = rng.normal(0, 8, size=(size, size, 1)).astype(np.float32)
         image = np.where(m[..., None], color[None, None, :] + shade, image)
@@ -141,15 +142,17 @@ def _write_split(output_dir: str, split: str, num_images: int, image_size: int, 
         for cat, mask in instances:
             rle = mask_utils.encode(np.asfortranarray(mask))
             x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
-            annotations.append({
-                "id": ann_id,
-                "image_id": i + 1,
-                "category_id": cat,
-                "segmentation": {"size": [image_size, image_size], "counts": rle["counts"].decode("ascii")},
-                "area": float(mask_utils.area(rle)),
-                "bbox": [x, y, w, h],
-                "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": i + 1,
+                    "category_id": cat,
+                    "segmentation": {"size": [image_size, image_size], "counts": rle["counts"].decode("ascii")},
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": [x, y, w, h],
+                    "iscrowd": 0,
+                }
+            )
             ann_id += 1
     data = {
         "info": {"description": f"maedet toy shapes ({split})", "version": "1.0", "seed": int(seed)},
@@ -200,8 +203,11 @@ def _main(argv: Optional[List[str]] = None) -> None:  # used by datasets/prepare
     import time
 
     parser = argparse.ArgumentParser(description="Generate the maedet toy shapes dataset (COCO format).")
-    parser.add_argument("--output", default=os.path.join(os.environ.get("MAEDET_DATASETS", "datasets"), "toy"),
-                        help="output folder (default: $MAEDET_DATASETS/toy, i.e. datasets/toy)")
+    parser.add_argument(
+        "--output",
+        default=os.path.join(os.environ.get("MAEDET_DATASETS", "datasets"), "toy"),
+        help="output folder (default: $MAEDET_DATASETS/toy, i.e. datasets/toy)",
+    )
     parser.add_argument("--num-train", type=int, default=64, help="training images (default 64)")
     parser.add_argument("--num-val", type=int, default=16, help="validation images (default 16)")
     parser.add_argument("--size", type=int, default=192, help="image side in pixels (default 192)")

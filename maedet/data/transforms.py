@@ -21,6 +21,7 @@ Built-in pipelines:
 A new pipeline is a function returning a callable, registered with
 ``@PIPELINES.register("name")``; its keyword arguments are its config keys.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence, Tuple
@@ -74,9 +75,7 @@ def build_mae_transform(
         A callable mapping a uint8 ``(3, H, W)`` image tensor to float32 ``(3, S, S)``.
     """
     ops: List[Any] = [
-        v2.RandomResizedCrop(
-            input_size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
-        )
+        v2.RandomResizedCrop(input_size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
     ]
     if hflip:
         ops.append(v2.RandomHorizontalFlip())
@@ -170,12 +169,18 @@ class FixedSizeCrop(v2.Transform):
         u = float(torch.rand(()))
         top = int(np.round(max(h - self.crop_size[0], 0) * u))
         left = int(np.round(max(w - self.crop_size[1], 0) * u))
-        return {"top": top, "left": left, "height": min(self.crop_size[0], h - top),
-                "width": min(self.crop_size[1], w - left)}
+        return {
+            "top": top,
+            "left": left,
+            "height": min(self.crop_size[0], h - top),
+            "width": min(self.crop_size[1], w - left),
+        }
 
     def transform(self, inpt: Any, params: Dict[str, Any]) -> Any:
-        if isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask, tv_tensors.BoundingBoxes)) or \
-                type(inpt) is torch.Tensor:
+        if (
+            isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask, tv_tensors.BoundingBoxes))
+            or type(inpt) is torch.Tensor
+        ):
             return self._call_kernel(F.crop, inpt, **params)
         return inpt
 
@@ -212,7 +217,7 @@ class BoxesFromMasks(torch.nn.Module):
     ``recompute_boxes`` after a crop). Instances whose mask is empty get a degenerate
     box ``(0, 0, 0, 0)``, so a following ``SanitizeBoundingBoxes`` removes them."""
 
-    def forward(self, image, target: Dict[str, Any]):
+    def forward(self, image: torch.Tensor, target: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, Any]]:
         masks = target["masks"]
         h, w = masks.shape[-2:]
         target = dict(target)
@@ -258,6 +263,7 @@ def resize_shortest_edge(short_edge_length: int = 1024, max_size: int = 1024) ->
     """Test-time resize (see :class:`ResizeShortestEdge`); the target's ``orig_size``
     keeps the file's size so that predictions can be mapped back."""
     if short_edge_length < 1 or max_size < short_edge_length:
-        raise ValueError(f"resize_shortest_edge needs 1 <= short_edge_length <= max_size, got "
-                         f"{short_edge_length}, {max_size}")
+        raise ValueError(
+            f"resize_shortest_edge needs 1 <= short_edge_length <= max_size, got {short_edge_length}, {max_size}"
+        )
     return v2.Compose([ResizeShortestEdge(short_edge_length, max_size)])

@@ -1,4 +1,5 @@
 """``DistributedDataParallel`` with maedet's communication settings (the one place DDP is set up)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,8 +20,13 @@ def check_grad_compression(mode: str) -> str:
     return mode
 
 
-def wrap_ddp(model: torch.nn.Module, device: torch.device, grad_compression: str = "none",
-             bucket_view: bool = True, **kwargs: Any) -> torch.nn.Module:
+def wrap_ddp(
+    model: torch.nn.Module,
+    device: torch.device,
+    grad_compression: str = "none",
+    bucket_view: bool = True,
+    **kwargs: Any,
+) -> torch.nn.Module:
     """``model`` in ``DistributedDataParallel``.
 
     Args:

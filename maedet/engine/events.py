@@ -1,4 +1,5 @@
 """Metric logs: JSON lines and tensorboard events (rank 0 only)."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ class MetricsWriter:
         os.makedirs(output_dir, exist_ok=True)
         if os.path.exists(self.path):
             kept = []
-            with open(self.path, "r", encoding="utf-8") as f:
+            with open(self.path, encoding="utf-8") as f:
                 for line in f:
                     try:
                         rec = json.loads(line)

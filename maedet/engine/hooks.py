@@ -1,9 +1,10 @@
 """Trainer hooks: periodic evaluation with the best checkpoint, final weights, MAE reconstruction grids."""
+
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -32,16 +33,23 @@ class FinalWeightsHook(HookBase):
     before the hooks after it (the final evaluation) run, so a failing evaluation
     never costs the trained weights."""
 
-    def __init__(self, output_dir: str, meta: Dict[str, Any], name: str = "model_final.pth",
-                 state_fn: Optional[Callable[[nn.Module], Dict[str, torch.Tensor]]] = None):
+    def __init__(
+        self,
+        output_dir: str,
+        meta: Dict[str, Any],
+        name: str = "model_final.pth",
+        state_fn: Optional[Callable[[nn.Module], Dict[str, torch.Tensor]]] = None,
+    ):
         self.path = os.path.join(output_dir, name)
         self.meta = meta
         self.state_fn = state_fn or (lambda m: m.state_dict())
 
     def after_train(self, trainer: Trainer) -> None:
         if du.is_main_process():
-            atomic_save({"model": self.state_fn(unwrap_model(trainer.model)), "meta": {**self.meta,
-                                                                                      "iter": trainer.iter}}, self.path)
+            atomic_save(
+                {"model": self.state_fn(unwrap_model(trainer.model)), "meta": {**self.meta, "iter": trainer.iter}},
+                self.path,
+            )
             logger.info(f"final weights written: {self.path}")
         du.synchronize()
 
@@ -57,8 +65,14 @@ class EvalHook(HookBase):
         meta: stored with the best weights.
     """
 
-    def __init__(self, period: int, eval_fn: Callable[[nn.Module], Results], best_metric: str, output_dir: str,
-                 meta: Dict[str, Any]):
+    def __init__(
+        self,
+        period: int,
+        eval_fn: Callable[[nn.Module], Results],
+        best_metric: str,
+        output_dir: str,
+        meta: Dict[str, Any],
+    ):
         self.period = period
         self.eval_fn = eval_fn
         self.best_metric = best_metric
@@ -79,9 +93,13 @@ class EvalHook(HookBase):
         value = flat.get(self.best_metric)
         if value is not None and (self.best is None or value > self.best):
             self.best = value
-            atomic_save({"model": unwrap_model(trainer.model).state_dict(),
-                         "meta": {**self.meta, "iter": trainer.iter, self.best_metric: value}},
-                        os.path.join(self.output_dir, "model_best.pth"))
+            atomic_save(
+                {
+                    "model": unwrap_model(trainer.model).state_dict(),
+                    "meta": {**self.meta, "iter": trainer.iter, self.best_metric: value},
+                },
+                os.path.join(self.output_dir, "model_best.pth"),
+            )
             logger.info(f"new best {self.best_metric} = {value:.3f}: saved model_best.pth")
 
     def after_step(self, trainer: Trainer) -> None:
@@ -98,14 +116,20 @@ class EvalHook(HookBase):
         self.best = state.get("best")
 
 
-def _to_uint8(img: torch.Tensor, mean, std) -> np.ndarray:
+def _to_uint8(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     x = (img.float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
     return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 @torch.no_grad()
-def reconstruction_grid(model: nn.Module, images: torch.Tensor, mask_ratio: float, seeds: List[int],
-                        mean, std) -> np.ndarray:
+def reconstruction_grid(
+    model: nn.Module,
+    images: torch.Tensor,
+    mask_ratio: float,
+    seeds: List[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> np.ndarray:
     """Rows of [original | masked input | reconstruction | reconstruction with visible patches pasted].
 
     Args:
@@ -128,8 +152,10 @@ def reconstruction_grid(model: nn.Module, images: torch.Tensor, mask_ratio: floa
     mask_img = model.unpatchify(mask.unsqueeze(-1).repeat(1, 1, p * p * 3).float())
     masked = images * (1 - mask_img)
     pasted = images * (1 - mask_img) + recon * mask_img
-    rows = [np.concatenate([_to_uint8(t[i], mean, std) for t in (images, masked, recon, pasted)], axis=1)
-            for i in range(images.shape[0])]
+    rows = [
+        np.concatenate([_to_uint8(t[i], mean, std) for t in (images, masked, recon, pasted)], axis=1)
+        for i in range(images.shape[0])
+    ]
     model.train(was_training)
     return np.concatenate(rows, axis=0)
 
@@ -146,7 +172,15 @@ class ReconstructionVisHook(HookBase):
         mean, std: the images' normalization (to draw them).
     """
 
-    def __init__(self, images: torch.Tensor, period: int, mask_ratio: float, output_dir: str, mean, std):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        period: int,
+        mask_ratio: float,
+        output_dir: str,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ):
         self.images = images
         self.period = period
         self.mask_ratio = mask_ratio
@@ -158,8 +192,9 @@ class ReconstructionVisHook(HookBase):
         if not du.is_main_process() or self.images.shape[0] == 0:
             return
         with torch.random.fork_rng(devices=[]):
-            grid = reconstruction_grid(unwrap_model(trainer.model), self.images, self.mask_ratio, self.seeds,
-                                       self.mean, self.std)
+            grid = reconstruction_grid(
+                unwrap_model(trainer.model), self.images, self.mask_ratio, self.seeds, self.mean, self.std
+            )
         ok, buf = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
         if ok:
             path = os.path.join(self.output_dir, f"recon_{trainer.iter:07d}.png")

@@ -1,5 +1,6 @@
 """Process start-up shared by the tools: argument handling, errors, output dir,
 seeding, and spawning N local processes (``--num-gpus``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ import signal
 import socket
 import sys
 import traceback
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -29,12 +30,21 @@ def default_argument_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, metavar="FILE", help="YAML config (may use _base_ inheritance)")
     p.add_argument("--output-dir", default=None, metavar="DIR", help="output directory (overrides output_dir)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in the output directory (its last_checkpoint file)")
-    p.add_argument("--num-gpus", type=int, default=1, metavar="N",
-                   help="start N local processes (one per GPU; gloo processes on a CPU machine)")
-    p.add_argument("opts", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. train.batch_size=8 solver.lr=1e-4")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in the output directory (its last_checkpoint file)",
+    )
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="start N local processes (one per GPU; gloo processes on a CPU machine)",
+    )
+    p.add_argument(
+        "opts", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.batch_size=8 solver.lr=1e-4"
+    )
     return p
 
 
@@ -64,7 +74,7 @@ def error_line(e: BaseException) -> str:
     if "Original Traceback" in msg:
         last = [line for line in msg.strip().splitlines() if line.strip()][-1].strip()
         prefix = f"{type(e).__module__}.{type(e).__name__}: "
-        msg = last[len(prefix):] if last.startswith(prefix) else last
+        msg = last[len(prefix) :] if last.startswith(prefix) else last
     return " ".join(msg.split("\n"))
 
 
@@ -80,7 +90,7 @@ def check_writable_dir(path: str) -> None:
         raise ConfigError(f"output directory {path} is not writable: {e.strerror or e}") from e
 
 
-def setup_run(cfg, config_path: str, device_name: str, seed: int, threads: int = 0) -> torch.device:
+def setup_run(cfg: Any, config_path: str, device_name: str, seed: int, threads: int = 0) -> torch.device:
     """Join the process group, prepare the output dir, logs and seeds.
 
     Writes the resolved config ``cfg`` (its ``output_dir`` is used) to
@@ -114,10 +124,16 @@ def _find_free_port() -> int:
 
 
 def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: Sequence[Any]) -> None:
-    os.environ.update({
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(local_rank),
-        "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-    })
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(local_rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+        }
+    )
     run_tool(functools.partial(fn, *args))
 
 
@@ -136,8 +152,9 @@ def launch(fn: Callable, num_procs: int, args: Sequence[Any] = ()) -> None:
     import torch.multiprocessing as mp
 
     port = _find_free_port()
-    ctx = mp.start_processes(_worker, args=(num_procs, port, fn, tuple(args)), nprocs=num_procs,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(num_procs, port, fn, tuple(args)), nprocs=num_procs, join=False, start_method="spawn"
+    )
     # A scheduler's SIGTERM reaches this launcher only: pass it on, so that the
     # workers save a checkpoint and exit with 143 (without this the launcher
     # dies and the workers get SIGINT from their parent-death signal, saving nothing).
@@ -171,8 +188,7 @@ def launch(fn: Callable, num_procs: int, args: Sequence[Any] = ()) -> None:
         if stopping and e.exit_code == 143:
             print("stopped by SIGTERM: checkpoint saved; rerun with --resume to continue", file=sys.stderr)
             sys.exit(143)
-        print(f"error: process {e.error_index} exited with code {e.exit_code}; all processes stopped",
-              file=sys.stderr)
+        print(f"error: process {e.error_index} exited with code {e.exit_code}; all processes stopped", file=sys.stderr)
         sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)
     except mp.ProcessRaisedException as e:
         print(f"error: a process failed:\n{e}", file=sys.stderr)

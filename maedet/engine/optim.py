@@ -10,6 +10,7 @@ Weight decay follows the reference recipes exactly (tested parameter by paramete
 - MAE pretraining (the release's ``add_weight_decay``): 0 for 1-D parameters and
   biases; ``cls_token`` and ``mask_token`` decay.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence
@@ -21,8 +22,16 @@ __all__ = ["NORM_TYPES", "param_groups", "build_optimizer"]
 
 # The normalization layers detectron2's weight_decay_norm applies to (torch.nn's own).
 NORM_TYPES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
-    nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
 )
 
 
@@ -112,8 +121,7 @@ def build_optimizer(
         g["lr"] = lr * g.get("lr_scale", 1.0)
     name = name.lower()
     if name == "adamw":
-        use_fused = fused == "on" or (fused == "auto" and device is not None
-                                      and device.type in _FUSED_ADAMW_DEVICES)
+        use_fused = fused == "on" or (fused == "auto" and device is not None and device.type in _FUSED_ADAMW_DEVICES)
         kwargs = {"fused": True} if use_fused else {}
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **kwargs)
     if name == "sgd":

@@ -1,4 +1,5 @@
 """Per-iteration learning-rate multipliers built from fvcore's param schedulers."""
+
 from __future__ import annotations
 
 from typing import Sequence

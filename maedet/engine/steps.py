@@ -1,7 +1,8 @@
 """The loss of one batch for each task: what the trainer and the benchmark tool run."""
+
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -18,12 +19,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def detection_loss(model: nn.Module, batch, device: torch.device) -> Dict[str, torch.Tensor]:
+def detection_loss(
+    model: nn.Module, batch: Tuple[List[torch.Tensor], List[dict], torch.Tensor], device: torch.device
+) -> Dict[str, torch.Tensor]:
     """batch = (uint8 images, targets, seeds) from the detection loader -> the detector's losses."""
     images, targets, _ = batch
     images = [img.to(device, non_blocking=True) for img in images]
-    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device), "masks": t["masks"].to(device)}
-               for t in targets]
+    targets = [
+        {"boxes": t["boxes"].to(device), "labels": t["labels"].to(device), "masks": t["masks"].to(device)}
+        for t in targets
+    ]
     return model(images, targets)
 
 
@@ -32,7 +37,9 @@ def mae_loss_fn(mask_ratio: float) -> Callable[[nn.Module, object, torch.device]
     each sample comes from its own seed, so a sample's mask does not depend on the batch
     layout or the process."""
 
-    def loss_fn(model: nn.Module, batch, device: torch.device) -> Dict[str, torch.Tensor]:
+    def loss_fn(
+        model: nn.Module, batch: Tuple[torch.Tensor, torch.Tensor], device: torch.device
+    ) -> Dict[str, torch.Tensor]:
         images, seeds = batch
         images = images.to(device, non_blocking=True)
         noise = masking_noise(seeds.tolist(), unwrap_model(model).num_patches, device=device)

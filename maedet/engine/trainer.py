@@ -12,16 +12,17 @@ rebuilt from ``samples_seen`` by ``loader_fn``, whose sampler derives each
 sample's index and augmentation seed from its global position only, so the
 continuation is the same batch stream an uninterrupted run would see.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 import math
 import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -51,8 +52,13 @@ def get_rng_state() -> Dict[str, Any]:
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -64,8 +70,9 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     npst = state["numpy"]
-    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached"]))
+    np.random.set_state(
+        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -74,13 +81,13 @@ class HookBase:
     """Called by :class:`Trainer` around training. ``trainer.iter`` is the number
     of completed iterations when ``after_step`` runs."""
 
-    def before_train(self, trainer: "Trainer") -> None:
+    def before_train(self, trainer: Trainer) -> None:
         pass
 
-    def after_step(self, trainer: "Trainer") -> None:
+    def after_step(self, trainer: Trainer) -> None:
         pass
 
-    def after_train(self, trainer: "Trainer") -> None:
+    def after_train(self, trainer: Trainer) -> None:
         pass
 
     def state_dict(self) -> Dict[str, Any]:
@@ -177,8 +184,9 @@ class Trainer:
         self.device = device
         self.model = model
         if du.get_world_size() > 1:
-            self.model = wrap_ddp(model, device, ddp.grad_compression, ddp.bucket_view,
-                                  find_unused_parameters=ddp.find_unused_parameters)
+            self.model = wrap_ddp(
+                model, device, ddp.grad_compression, ddp.bucket_view, find_unused_parameters=ddp.find_unused_parameters
+            )
             if ddp.grad_compression != "none":
                 logger.info(f"DDP gradients all-reduced in {ddp.grad_compression} (train.ddp_grad_compression)")
         self.optimizer = optimizer
@@ -306,8 +314,14 @@ class Trainer:
         amp = self.amp.mode + (f" (train.amp={self.amp.requested})" if self.amp.requested != self.amp.mode else "")
         logger.info(f"starting training at iteration {self.iter} of {self.max_iter}, amp: {amp}")
         # a live bar on a terminal; the periodic log lines carry the same numbers into files
-        bar = tqdm(total=self.max_iter, initial=self.iter, desc="train", dynamic_ncols=True, leave=False,
-                   disable=not (du.is_main_process() and sys.stderr.isatty()))
+        bar = tqdm(
+            total=self.max_iter,
+            initial=self.iter,
+            desc="train",
+            dynamic_ncols=True,
+            leave=False,
+            disable=not (du.is_main_process() and sys.stderr.isatty()),
+        )
         try:
             self._run_iterations(data_iter, bar, start_iter, t_start)
         finally:
@@ -357,8 +371,9 @@ class Trainer:
                     "(set train.nonfinite=skip to drop such steps instead)"
                 )
             self.skipped_steps += 1
-            logger.warning(f"iteration {self.iter}: non-finite loss ({bad_term}); step skipped "
-                           f"({self.skipped_steps} so far)")
+            logger.warning(
+                f"iteration {self.iter}: non-finite loss ({bad_term}); step skipped ({self.skipped_steps} so far)"
+            )
             return losses_sum
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -401,8 +416,10 @@ class Trainer:
                 window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
             if stop_flag:
                 self._stop_signal = self._stop_signal or signal.SIGTERM
-                logger.warning(f"received SIGTERM: saving a checkpoint at iteration {self.iter} and exiting; "
-                               "rerun with --resume to continue")
+                logger.warning(
+                    f"received SIGTERM: saving a checkpoint at iteration {self.iter} and exiting; "
+                    "rerun with --resume to continue"
+                )
                 self.save_checkpoint()
                 raise SystemExit(143)
             if self.checkpoint_period > 0 and self.iter % self.checkpoint_period == 0 and self.iter < self.max_iter:
@@ -410,8 +427,16 @@ class Trainer:
             for h in self.hooks:
                 h.after_step(self)
 
-    def _log(self, losses: Dict[str, float], lr: float, start_iter: int, t_start: float,
-             window_start: float, window_iters: int, data_time: float) -> None:
+    def _log(
+        self,
+        losses: Dict[str, float],
+        lr: float,
+        start_iter: int,
+        t_start: float,
+        window_start: float,
+        window_iters: int,
+        data_time: float,
+    ) -> None:
         names = sorted(losses)
         if du.get_world_size() > 1:
             t = torch.tensor([losses[k] for k in names], dtype=torch.float64, device=self.device)
@@ -424,9 +449,16 @@ class Trainer:
         eta = (now - t_start) / max(1, done) * (self.max_iter - self.iter)
         total = sum(losses.values())
         ips = self.samples_per_iter / max(per_iter, 1e-9)
-        scalars = {"loss": total, **losses, "lr": lr, "time": per_iter,
-                   "data_time": data_time / max(1, window_iters), "images_per_sec": ips,
-                   "eta_seconds": eta, "skipped_steps": self.skipped_steps}
+        scalars = {
+            "loss": total,
+            **losses,
+            "lr": lr,
+            "time": per_iter,
+            "data_time": data_time / max(1, window_iters),
+            "images_per_sec": ips,
+            "eta_seconds": eta,
+            "skipped_steps": self.skipped_steps,
+        }
         self.metrics.write(self.iter - 1, scalars)
         terms = "  ".join(f"{k}: {losses[k]:.4f}" for k in names) if len(names) > 1 else ""
         logger.info(

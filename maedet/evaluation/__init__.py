@@ -1,4 +1,5 @@
 """COCO evaluation (bbox + segm with the official pycocotools metrics) and running a model over a dataset."""
+
 from .coco import (  # noqa: F401
     COCO_METRIC_NAMES,
     COCOEvaluator,

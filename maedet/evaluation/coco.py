@@ -19,6 +19,7 @@ exactly those of a direct ``COCOeval`` call on the ground-truth json and the
 written results file (for ``segm`` the ``bbox`` field of each record is dropped
 first, as detectron2 does, so that small/medium/large use the mask area).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,18 @@ logger = logging.getLogger(__name__)
 
 #: Names of the twelve numbers of ``COCOeval.stats``, in order.
 COCO_METRIC_NAMES: Tuple[str, ...] = (
-    "AP", "AP50", "AP75", "APs", "APm", "APl",
-    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
 )
 
 _TASKS = ("bbox", "segm")
@@ -128,9 +139,7 @@ def instances_to_coco_json(
     labels_np = _to_numpy(labels).astype(np.int64).reshape(-1)
     n = boxes.shape[0]
     if scores_np.shape[0] != n or labels_np.shape[0] != n:
-        raise ValueError(
-            f"image {image_id}: {n} boxes but {scores_np.shape[0]} scores and {labels_np.shape[0]} labels"
-        )
+        raise ValueError(f"image {image_id}: {n} boxes but {scores_np.shape[0]} scores and {labels_np.shape[0]} labels")
     if masks is not None:
         masks_np = _binarize_masks(masks, mask_threshold)
         if masks_np.shape[0] != n:
@@ -181,10 +190,7 @@ def load_coco_gt(coco_gt: Union[str, COCO]) -> COCO:
 
 
 def _stats_to_metrics(stats: Iterable[float]) -> Dict[str, float]:
-    return {
-        name: float(v * 100.0) if v >= 0 else float("nan")
-        for name, v in zip(COCO_METRIC_NAMES, stats)
-    }
+    return {name: float(v * 100.0) if v >= 0 else float("nan") for name, v in zip(COCO_METRIC_NAMES, stats)}
 
 
 def evaluate_predictions_on_coco(
@@ -214,7 +220,7 @@ def evaluate_predictions_on_coco(
     if len(results) == 0 or (img_ids is not None and len(img_ids) == 0):
         # loadRes cannot take an empty list, and COCOeval reads imgIds=[] as "all images".
         logger.warning("No predictions to evaluate for %s: reporting 0 for every metric.", iou_type)
-        return {name: 0.0 for name in COCO_METRIC_NAMES}, None
+        return dict.fromkeys(COCO_METRIC_NAMES, 0.0), None
     results = copy.deepcopy(list(results))
     if iou_type == "segm":
         for r in results:
@@ -226,9 +232,7 @@ def evaluate_predictions_on_coco(
             r.pop("bbox", None)
     unknown = {int(r["image_id"]) for r in results} - set(coco_gt.getImgIds())
     if unknown:
-        raise DatasetError(
-            f"{len(unknown)} result image ids are not in the ground truth, e.g. {sorted(unknown)[:5]}"
-        )
+        raise DatasetError(f"{len(unknown)} result image ids are not in the ground truth, e.g. {sorted(unknown)[:5]}")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         coco_dt = coco_gt.loadRes(results)
@@ -368,9 +372,7 @@ class COCOEvaluator:
         gt_cats = set(self._coco_gt.getCatIds())
         missing = sorted(set(self._label_to_cat_id.values()) - gt_cats)
         if missing:
-            raise DatasetError(
-                f"label_to_cat_id maps to category ids {missing[:5]} that are not in {self._gt_name}"
-            )
+            raise DatasetError(f"label_to_cat_id maps to category ids {missing[:5]} that are not in {self._gt_name}")
         self._tasks = _check_tasks(tasks)
         self._output_dir = output_dir
         self._mask_threshold = float(mask_threshold)
@@ -420,13 +422,19 @@ class COCOEvaluator:
                         info = self._coco_gt.imgs[image_id]
                         size = (info["height"], info["width"])
                     boxes = torch.as_tensor(output["boxes"])
-                    rles = [r for chunk in iter_pasted_masks(torch.as_tensor(output["mask_probs"]), boxes, size,
-                                                             self._mask_threshold) for r in encode_rle(chunk)]
+                    rles = [
+                        r
+                        for chunk in iter_pasted_masks(
+                            torch.as_tensor(output["mask_probs"]), boxes, size, self._mask_threshold
+                        )
+                        for r in encode_rle(chunk)
+                    ]
                 elif output.get("masks") is not None:
                     masks = output["masks"]
                 else:
-                    raise ValueError(f"task 'segm' needs 'mask_probs' or 'masks' in the outputs "
-                                     f"(image {image_id} has neither)")
+                    raise ValueError(
+                        f"task 'segm' needs 'mask_probs' or 'masks' in the outputs (image {image_id} has neither)"
+                    )
             records = instances_to_coco_json(
                 image_id,
                 output["boxes"],

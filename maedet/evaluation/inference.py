@@ -1,4 +1,5 @@
 """Run a detector over a dataset and score it with an evaluator."""
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,13 @@ logger = logging.getLogger("maedet")
 
 
 @torch.no_grad()
-def inference_on_dataset(model: nn.Module, loader: Iterable, evaluator: COCOEvaluator, device: torch.device,
-                         amp_dtype: Optional[torch.dtype] = None) -> Dict[str, Dict[str, float]]:
+def inference_on_dataset(
+    model: nn.Module,
+    loader: Iterable,
+    evaluator: COCOEvaluator,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> Dict[str, Dict[str, float]]:
     """Run ``model`` over this rank's share of ``loader`` and score with ``evaluator`` (results on rank 0).
 
     Args:

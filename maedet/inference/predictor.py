@@ -24,6 +24,7 @@ variables; ``torch.inference_mode`` and ``torch.autocast`` are thread-local
 context managers; the model is only read (the Predictor puts it in eval mode
 once, at construction). Results do not depend on which thread runs a call.
 """
+
 from __future__ import annotations
 
 import os
@@ -130,8 +131,10 @@ class Predictor:
                 raise ValueError(f"a tensor image must be uint8 or float in [0, 1], got dtype {image.dtype}")
             t = image.detach().cpu()
         else:
-            raise TypeError(f"unsupported image input of type {type(image).__name__} "
-                            "(expected a path, an (H, W, 3) numpy array or a (3, H, W) tensor)")
+            raise TypeError(
+                f"unsupported image input of type {type(image).__name__} "
+                "(expected a path, an (H, W, 3) numpy array or a (3, H, W) tensor)"
+            )
         if t.is_floating_point():
             t = (t.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
         if input_format == "BGR":
@@ -221,5 +224,7 @@ class Predictor:
         return results[0] if single else results
 
     def __repr__(self) -> str:
-        return (f"Predictor(device={self.device}, amp={self.amp_dtype}, num_classes={self.num_classes}, "
-                f"score_thresh={self.score_thresh})")
+        return (
+            f"Predictor(device={self.device}, amp={self.amp_dtype}, num_classes={self.num_classes}, "
+            f"score_thresh={self.score_thresh})"
+        )

@@ -4,6 +4,7 @@ Everything is drawn with OpenCV on an RGB ``uint8`` copy of the input; the input
 is never modified, and pixels change only under masks, on box outlines and
 under label tags.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,9 +12,8 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
-import torch
-
 import pycocotools.mask as mask_util
+import torch
 
 from maedet.utils.errors import MaedetError
 from maedet.utils.fileio import atomic_write
@@ -22,10 +22,26 @@ __all__ = ["PALETTE", "color_for", "draw_instances", "save_visualization"]
 
 #: Fixed RGB palette (saturated, none of them gray) cycled over instances or classes.
 PALETTE: Tuple[Tuple[int, int, int], ...] = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
-    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (0, 200, 90),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 250, 200),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
+    (0, 0, 128),
+    (0, 200, 90),
 )
 
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence]
@@ -98,9 +114,7 @@ def draw_instances(
     """
     image = np.asarray(image_rgb)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(
-            f"image_rgb must be an (H, W, 3) uint8 array, got shape {image.shape} dtype {image.dtype}"
-        )
+        raise ValueError(f"image_rgb must be an (H, W, 3) uint8 array, got shape {image.shape} dtype {image.dtype}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     h, w = image.shape[:2]
@@ -129,9 +143,7 @@ def draw_instances(
             masks_np = masks_np != 0
 
     keep = np.nonzero(scores_np >= score_thresh)[0]
-    colors = {
-        int(i): np.array(color_for(labels_np[i] if color_by_class else i), dtype=np.float32) for i in keep
-    }
+    colors = {int(i): np.array(color_for(labels_np[i] if color_by_class else i), dtype=np.float32) for i in keep}
 
     # Larger instances first so that small ones are drawn on top.
     if rles is not None:
@@ -195,9 +207,7 @@ def save_visualization(path: str, image_rgb: np.ndarray) -> None:
     """
     image = np.asarray(image_rgb)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(
-            f"image_rgb must be an (H, W, 3) uint8 array, got shape {image.shape} dtype {image.dtype}"
-        )
+        raise ValueError(f"image_rgb must be an (H, W, 3) uint8 array, got shape {image.shape} dtype {image.dtype}")
     ext = os.path.splitext(path)[1].lower()
     if not ext:
         raise MaedetError(f"cannot save visualization {path}: no file extension (use .png or .jpg)")

@@ -1,4 +1,5 @@
 """Small layers shared by the detection parts."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

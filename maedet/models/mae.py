@@ -12,6 +12,7 @@ Parameter and buffer names equal those of the official MAE release
 (:meth:`MaskedAutoencoderViT.encoder_state_dict`) uses the names of timm's
 ``VisionTransformer``.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -119,19 +120,14 @@ class MaskedAutoencoderViT(nn.Module):
         # Fixed sin-cos table, stored as a frozen parameter (as in the MAE release).
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [
-                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-                for _ in range(depth)
-            ]
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
         )
         self.norm = norm_layer(embed_dim)
 
         # ---------------- decoder ----------------
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(
-            torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False
-        )
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
             [
                 Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
@@ -364,9 +360,4 @@ class MaskedAutoencoderViT(nn.Module):
         release and by timm's ``VisionTransformer``. This is what pretraining
         writes as its output checkpoint. The tensors share storage with the model.
         """
-        return {
-            k: v.detach()
-            for k, v in self.state_dict().items()
-            if k.split(".", 1)[0] in _ENCODER_PREFIXES
-        }
-
+        return {k: v.detach() for k, v in self.state_dict().items() if k.split(".", 1)[0] in _ENCODER_PREFIXES}

@@ -3,6 +3,7 @@
 The sin-cos table follows the MAE release exactly (same channel order), so a
 table computed here equals the ``pos_embed`` buffer stored in MAE checkpoints.
 """
+
 from __future__ import annotations
 
 import math
@@ -109,9 +110,7 @@ def resize_pos_embed_grid(
     if grid.shape[1] == h and grid.shape[2] == w:
         return grid
     orig_dtype = grid.dtype
-    out = F.interpolate(
-        grid.permute(0, 3, 1, 2).float(), size=(h, w), mode=mode, align_corners=False
-    )
+    out = F.interpolate(grid.permute(0, 3, 1, 2).float(), size=(h, w), mode=mode, align_corners=False)
     return out.permute(0, 2, 3, 1).to(orig_dtype)
 
 
@@ -145,8 +144,10 @@ def count_prefix_tokens(n: int) -> int:
 def fit_pos_embed(ckpt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """A checkpoint's (1, P + N, C) position table fitted to the model's (1, P' + N', C)."""
     if ckpt.dim() != 3 or ckpt.shape[0] != 1 or ckpt.shape[-1] != target.shape[-1]:
-        raise CheckpointError(f"key 'pos_embed' has shape {tuple(ckpt.shape)}, the model expects "
-                              f"{tuple(target.shape)} (different embedding width / model size?)")
+        raise CheckpointError(
+            f"key 'pos_embed' has shape {tuple(ckpt.shape)}, the model expects "
+            f"{tuple(target.shape)} (different embedding width / model size?)"
+        )
     p_ckpt, p_model = count_prefix_tokens(ckpt.shape[1]), count_prefix_tokens(target.shape[1])
     side = math.isqrt(target.shape[1] - p_model)
     ckpt = ckpt.to(target.dtype)

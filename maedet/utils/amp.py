@@ -13,6 +13,7 @@ Modes (``train.amp`` in configs, ``--amp`` of the tools):
   it on CPU too);
 - ``off``: full precision.
 """
+
 import contextlib
 from typing import Optional
 
@@ -49,8 +50,7 @@ def resolve_amp(mode: Optional[str], device: torch.device, key: str = "train.amp
         return "bf16" if _cuda_bf16_supported(device) else "fp16"
     if mode == "bf16" and on_cuda and not _cuda_bf16_supported(device):
         name = torch.cuda.get_device_name(device)
-        raise ConfigError(f"{key}=bf16: {name} has no bf16 support (compute capability < 8.0); "
-                          "use fp16 or auto")
+        raise ConfigError(f"{key}=bf16: {name} has no bf16 support (compute capability < 8.0); use fp16 or auto")
     return mode
 
 

@@ -2,6 +2,7 @@
 
 All functions work unchanged in a single process without ``torch.distributed``.
 """
+
 from __future__ import annotations
 
 import datetime

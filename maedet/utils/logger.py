@@ -1,4 +1,5 @@
 """The ``maedet`` logger: console on rank 0, ``log.txt`` in the output directory."""
+
 from __future__ import annotations
 
 import logging
@@ -13,7 +14,9 @@ __all__ = ["LOGGER_NAME", "setup_logger", "log_to_files", "format_seconds"]
 LOGGER_NAME = "maedet"
 
 
-def setup_logger(output_dir: Optional[str] = None, rank: Optional[int] = None, name: str = LOGGER_NAME) -> logging.Logger:
+def setup_logger(
+    output_dir: Optional[str] = None, rank: Optional[int] = None, name: str = LOGGER_NAME
+) -> logging.Logger:
     """Console logging on rank 0 (warnings only elsewhere) and ``log.txt`` in ``output_dir``."""
     rank = get_rank() if rank is None else rank
     logger = logging.getLogger(name)

@@ -1,4 +1,5 @@
 """Measuring a step: wall and CPU time, peak memory (CUDA or sampled RSS), activations saved for backward."""
+
 from __future__ import annotations
 
 import os
@@ -35,7 +36,7 @@ class PeakRSS:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.start = self.peak = rss_bytes()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -104,7 +105,7 @@ class SavedActivations:
             self.storages[st.data_ptr()] = st.nbytes()
         return t
 
-    def __enter__(self) -> "SavedActivations":
+    def __enter__(self) -> SavedActivations:
         self.storages.clear()
         if self.enabled:
             self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)

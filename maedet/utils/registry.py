@@ -17,6 +17,7 @@ listed in :attr:`Registry.supplied`.
 
 All registries of the project are defined here, in one place.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterator, Optional, Tuple, TypeVar

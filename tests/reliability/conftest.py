@@ -1,6 +1,7 @@
 """Helpers of the reliability suite: tiny configs, toy data, running the real tools
 (in a subprocess or in this process), killing a run at a chosen iteration, and
 comparing training states bit for bit."""
+
 import importlib.util
 import json
 import os
@@ -60,8 +61,13 @@ def toy(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("toy")
     paths = generate_toy_dataset(str(root), num_train=8, num_val=2, image_size=64, seed=0)
-    return {"root": str(root), "train_json": paths["train"][0], "train_images": paths["train"][1],
-            "val_json": paths["val"][0], "val_images": paths["val"][1]}
+    return {
+        "root": str(root),
+        "train_json": paths["train"][0],
+        "train_images": paths["train"][1],
+        "val_json": paths["val"][0],
+        "val_images": paths["val"][1],
+    }
 
 
 def write_pretrain_config(path, out, root) -> str:
@@ -88,14 +94,21 @@ def run_tool(args: Sequence[str], timeout: float = 240, env=None) -> subprocess.
     It runs in its own process group, and on a timeout the whole group is killed,
     so that no worker of a multi-process run outlives the test.
     """
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
         out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s: {' '.join(args)}\n{err[-3000:]}")
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(args)}\n{err[-3000:]}") from None
     finally:
         kill_group(proc)  # workers left behind by a launcher that died
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
@@ -104,8 +117,15 @@ def run_tool(args: Sequence[str], timeout: float = 240, env=None) -> subprocess.
 def start_tool(args: Sequence[str], log_path, env=None) -> subprocess.Popen:
     """Start ``python ARGS`` in the background (own process group), output to ``log_path``."""
     with open(str(log_path), "w") as log:
-        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=_env(env), stdout=log,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=REPO,
+            env=_env(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     _STARTED.append(proc)
     return proc
 
@@ -162,8 +182,9 @@ def logged_iteration(log_path) -> int:
     return int(found[-1]) if found else 0
 
 
-def signal_at_iteration(proc: subprocess.Popen, log_path, iteration: int, sig=signal.SIGKILL,
-                        timeout: float = 180) -> int:
+def signal_at_iteration(
+    proc: subprocess.Popen, log_path, iteration: int, sig=signal.SIGKILL, timeout: float = 180
+) -> int:
     """Send ``sig`` to ``proc`` as soon as its console (``log_path``, see
     :func:`start_tool`) reports ``iteration`` completed iterations (log_period 1).
 
@@ -262,7 +283,11 @@ def assert_nothing_half_written(out_dir) -> None:
     bad = []
     for dirpath, _, files in os.walk(str(out_dir)):
         for f in files:
-            if f.endswith((".pth", ".tmp", ".pkl")) or f in ("last_checkpoint", "coco_instances_results.json",
-                                                            "eval_metrics.json", "results.json"):
+            if f.endswith((".pth", ".tmp", ".pkl")) or f in (
+                "last_checkpoint",
+                "coco_instances_results.json",
+                "eval_metrics.json",
+                "results.json",
+            ):
                 bad.append(os.path.join(dirpath, f))
     assert not bad, f"left behind: {bad}"

@@ -6,6 +6,7 @@ The tools run in this process through the same top level as on the command line
 (``run_tool`` / ``launch``), which is much faster than a subprocess; one case per
 tool also runs as a real subprocess.
 """
+
 import errno
 import json
 import os
@@ -16,8 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import (assert_nothing_half_written, error_lines, load, run_tool, run_tool_inprocess,
-                      write_det_config, write_pretrain_config)
+from .conftest import (
+    assert_nothing_half_written,
+    error_lines,
+    load,
+    run_tool,
+    run_tool_inprocess,
+    write_det_config,
+    write_pretrain_config,
+)
 
 
 def _assert_one_error(r, *needles):
@@ -35,8 +43,11 @@ CONFIG_CASES = {
     # name: (extra yaml lines or files, overrides, needles)
     "unknown key in file": ({"c.yaml": "_base_: base.yaml\nmodel: {depthh: 3}\n"}, [], ["depthh", "c.yaml"]),
     "unknown key override": ({}, ["train.batchsize=4"], ["train.batchsize"]),
-    "wrong type in file": ({"c.yaml": "_base_: base.yaml\ntrain: {batch_size: many}\n"}, [],
-                           ["batch_size", "many", "c.yaml"]),
+    "wrong type in file": (
+        {"c.yaml": "_base_: base.yaml\ntrain: {batch_size: many}\n"},
+        [],
+        ["batch_size", "many", "c.yaml"],
+    ),
     "wrong type override": ({}, ["solver.lr=fast"], ["solver.lr", "fast"]),
     "missing _base_": ({"c.yaml": "_base_: nowhere.yaml\n"}, [], ["_base_", "nowhere.yaml"]),
     "_base_ cycle": ({"c.yaml": "_base_: d.yaml\n", "d.yaml": "_base_: c.yaml\n"}, [], ["cycle", "c.yaml", "d.yaml"]),
@@ -60,13 +71,16 @@ def test_bad_config(tmp_path, toy, capsys, case):
 
 
 # Values only checkable once the run knows max_iter or the pyramid: still one error line.
-@pytest.mark.parametrize("override,needle", [
-    ("solver.steps=[99]", "solver.steps"),
-    ("solver.schedule=linear", "solver.schedule"),
-    ("solver.optimizer=adam", "solver.optimizer"),
-    ("solver.fused=fast", "solver.fused"),
-    ("model.anchor_sizes=[8,16]", "model.anchor_sizes"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("solver.steps=[99]", "solver.steps"),
+        ("solver.schedule=linear", "solver.schedule"),
+        ("solver.optimizer=adam", "solver.optimizer"),
+        ("solver.fused=fast", "solver.fused"),
+        ("model.anchor_sizes=[8,16]", "model.anchor_sizes"),
+    ],
+)
 def test_bad_config_value_checked_late(tmp_path, toy, capsys, override, needle):
     cfg = write_det_config(tmp_path / "det.yaml", tmp_path / "out", toy)
     r = run_tool_inprocess("train_net", ["--config", cfg, override], capsys)
@@ -104,8 +118,11 @@ def test_bad_image_in_pretraining(tmp_path, toy, capsys, case):
     (root / name).write_bytes(make(os.path.join(toy["train_images"], good[0])))
     cfg = write_pretrain_config(tmp_path / "c.yaml", tmp_path / "out", str(root))
     # batch of 4 = every image in the first iteration
-    r = run_tool_inprocess("pretrain", ["--config", cfg, "solver.max_iter=2", "train.checkpoint_period=1",
-                                        "data.on_bad_image=fail"], capsys)
+    r = run_tool_inprocess(
+        "pretrain",
+        ["--config", cfg, "solver.max_iter=2", "train.checkpoint_period=1", "data.on_bad_image=fail"],
+        capsys,
+    )
     _assert_one_error(r, "corrupt image", str(root / name))
     assert_nothing_half_written(tmp_path / "out")
 
@@ -128,6 +145,7 @@ def _edit(fn):
     def edit(data):
         fn(data)
         return json.dumps(data)
+
     return edit
 
 
@@ -138,6 +156,7 @@ def _dup_image(d):
 def _box(w, h):
     def f(d):
         d["annotations"][2]["bbox"][2:] = [w, h]
+
     return f
 
 
@@ -152,8 +171,10 @@ JSON_CASES = {
     "unknown image id": (_edit(lambda d: d["annotations"][2].update(image_id=999)), ["image_id 999", "'images'"]),
     "negative box": (_edit(_box(-3.0, 5.0)), ["annotation id 3", "bbox"]),
     "zero-area box": (_edit(_box(4.0, 0.0)), ["annotation id 3", "non-positive width or height"]),
-    "unknown category": (_edit(lambda d: d["annotations"][2].update(category_id=77)),
-                         ["category_id 77", "'categories'"]),
+    "unknown category": (
+        _edit(lambda d: d["annotations"][2].update(category_id=77)),
+        ["category_id 77", "'categories'"],
+    ),
 }
 
 
@@ -205,11 +226,27 @@ def checkpoints(tmp_path_factory, toy):
     cfg_path = write_det_config(d / "det.yaml", d / "unused", toy)
     out = {}
     torch.manual_seed(0)
-    enc = MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
-                               decoder_depth=1, decoder_num_heads=2)
+    enc = MaskedAutoencoderViT(
+        img_size=64,
+        patch_size=16,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
     torch.save({"model": enc.encoder_state_dict()}, d / "enc.pth")
-    big = MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=96, depth=2, num_heads=2, decoder_embed_dim=32,
-                               decoder_depth=1, decoder_num_heads=2)
+    big = MaskedAutoencoderViT(
+        img_size=64,
+        patch_size=16,
+        embed_dim=96,
+        depth=2,
+        num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
     torch.save({"model": big.encoder_state_dict()}, d / "enc_other_size.pth")
     det = build_detection_model(load_detection_config(cfg_path, [], splits=()).model, 3)
     torch.save({"model": det.state_dict()}, d / "det.pth")
@@ -221,8 +258,22 @@ def checkpoints(tmp_path_factory, toy):
     (d / "notes.pth").write_text("not a checkpoint\n")
     shutil.copy(toy["train_json"], d / "annotations.pth")
     (d / "empty.pth").write_bytes(b"")
-    out.update({k: str(d / f"{k}.pth") for k in ("enc", "enc_other_size", "det", "det_other_size", "enc_truncated",
-                                                 "det_truncated", "notes", "annotations", "empty")})
+    out.update(
+        {
+            k: str(d / f"{k}.pth")
+            for k in (
+                "enc",
+                "enc_other_size",
+                "det",
+                "det_other_size",
+                "enc_truncated",
+                "det_truncated",
+                "notes",
+                "annotations",
+                "empty",
+            )
+        }
+    )
     out["missing"] = str(d / "nowhere.pth")
     return out
 
@@ -258,8 +309,17 @@ def test_bad_checkpoint(tmp_path, toy, checkpoints, capsys, case):
 def test_good_checkpoints_are_accepted(tmp_path, toy, checkpoints, capsys):
     """Control: the same paths with good files get past loading (eval-only runs to the end)."""
     cfg = write_det_config(tmp_path / "det.yaml", tmp_path / "out", toy)
-    r = run_tool_inprocess("train_net", ["--config", cfg, "--eval-only", f"model.weights={checkpoints['det']}",
-                                         f"model.backbone.pretrained={checkpoints['enc']}"], capsys)
+    r = run_tool_inprocess(
+        "train_net",
+        [
+            "--config",
+            cfg,
+            "--eval-only",
+            f"model.weights={checkpoints['det']}",
+            f"model.backbone.pretrained={checkpoints['enc']}",
+        ],
+        capsys,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.exists(tmp_path / "out" / "eval_metrics.json")
 

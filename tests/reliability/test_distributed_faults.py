@@ -5,6 +5,7 @@ time, with that rank's error on stderr, instead of leaving the other rank stuck
 in a collective. SIGTERM to the launcher must reach the workers, which save a
 checkpoint and exit with 143.
 """
+
 import os
 import signal
 import time
@@ -24,8 +25,12 @@ def toy24(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("toy24")
     p = generate_toy_dataset(str(root), num_train=24, num_val=2, image_size=64, seed=1)
-    return {"train_json": p["train"][0], "train_images": p["train"][1],
-            "val_json": p["val"][0], "val_images": p["val"][1]}
+    return {
+        "train_json": p["train"][0],
+        "train_images": p["train"][1],
+        "val_json": p["val"][0],
+        "val_images": p["val"][1],
+    }
 
 
 def _first_read_only_by_rank1(size: int, seed: int, min_iter: int):
@@ -39,8 +44,8 @@ def _first_read_only_by_rank1(size: int, seed: int, min_iter: int):
         streams.append([next(it)[0] for _ in range(BATCH * 40)])
     seen = set()
     for i in range(40):
-        r0 = streams[0][i * BATCH:(i + 1) * BATCH]
-        r1 = streams[1][i * BATCH:(i + 1) * BATCH]
+        r0 = streams[0][i * BATCH : (i + 1) * BATCH]
+        r1 = streams[1][i * BATCH : (i + 1) * BATCH]
         if i >= min_iter:
             for idx in r1:
                 if idx not in seen and idx not in r0:
@@ -63,9 +68,21 @@ def test_one_rank_failing_brings_the_job_down_with_its_error(tmp_path, toy24):
         t0 = time.monotonic()
         # data.check_images=false: the image check before training would find the file at
         # start-up; this test is about a rank failing in the middle of training
-        r = run_tool(["tools/train_net.py", "--config", cfg, "--num-gpus", "2", "train.batch_size=2",
-                      "solver.max_iter=12", "solver.steps=[8]", "train.checkpoint_period=0",
-                      "data.check_images=false"], timeout=180)
+        r = run_tool(
+            [
+                "tools/train_net.py",
+                "--config",
+                cfg,
+                "--num-gpus",
+                "2",
+                "train.batch_size=2",
+                "solver.max_iter=12",
+                "solver.steps=[8]",
+                "train.checkpoint_period=0",
+                "data.check_images=false",
+            ],
+            timeout=180,
+        )
         wall = time.monotonic() - t0
     finally:
         with open(bad, "wb") as f:
@@ -83,8 +100,20 @@ def test_one_rank_failing_brings_the_job_down_with_its_error(tmp_path, toy24):
 def test_sigterm_to_launcher_saves_checkpoint_and_exits_143(tmp_path, toy24):
     cfg = write_det_config(tmp_path / "det.yaml", tmp_path / "out", toy24)
     log = tmp_path / "log"
-    proc = start_tool(["tools/train_net.py", "--config", cfg, "--num-gpus", "2", "train.batch_size=2",
-                       "solver.max_iter=40", "solver.steps=[30]", "train.checkpoint_period=0"], log)
+    proc = start_tool(
+        [
+            "tools/train_net.py",
+            "--config",
+            cfg,
+            "--num-gpus",
+            "2",
+            "train.batch_size=2",
+            "solver.max_iter=40",
+            "solver.steps=[30]",
+            "train.checkpoint_period=0",
+        ],
+        log,
+    )
     signal_at_iteration(proc, log, 3, signal.SIGTERM)
     t0 = time.monotonic()
     rc = proc.wait(90)

@@ -1,5 +1,6 @@
 """Inference under load: one Predictor (one model) shared by 4 threads gives the
 same results as serial calls, with real instances and masks (score threshold 0)."""
+
 import concurrent.futures
 import threading
 
@@ -12,8 +13,7 @@ from .conftest import write_det_config
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory, toy):
-    from maedet.builders import build_detection_model, load_detection_config
-    from maedet.builders import build_predictor
+    from maedet.builders import build_detection_model, build_predictor, load_detection_config
 
     d = tmp_path_factory.mktemp("pred")
     cfg = write_det_config(d / "det.yaml", d / "out", toy)

@@ -6,6 +6,7 @@ an uninterrupted run; SIGKILL at random moments of a run that checkpoints every
 iteration must always leave ``last_checkpoint`` naming a complete file; SIGTERM
 must save a checkpoint at the current iteration and exit with code 143.
 """
+
 import os
 import random
 import signal
@@ -13,8 +14,17 @@ import time
 
 import pytest
 
-from .conftest import (assert_same_state, completed_iters, load, metrics_records, run_tool, signal_at_iteration,
-                      start_tool, write_det_config, write_pretrain_config)
+from .conftest import (
+    assert_same_state,
+    completed_iters,
+    load,
+    metrics_records,
+    run_tool,
+    signal_at_iteration,
+    start_tool,
+    write_det_config,
+    write_pretrain_config,
+)
 
 PRETRAIN_ITERS = 30
 DET_ITERS = 16
@@ -31,8 +41,9 @@ def _assert_same_run(ref_dir, out_dir, iters, final_files):
     for key in ("model", "optimizer", "scaler", "iter", "samples_seen", "skipped_steps"):
         assert_same_state(a[key], b[key], key)
     for name in final_files:
-        assert_same_state(load(os.path.join(str(ref_dir), name))["model"],
-                          load(os.path.join(str(out_dir), name))["model"], name)
+        assert_same_state(
+            load(os.path.join(str(ref_dir), name))["model"], load(os.path.join(str(out_dir), name))["model"], name
+        )
     ra, rb = metrics_records(ref_dir), metrics_records(out_dir)
     assert [r["iter"] for r in rb if "loss" in r] == list(range(iters)) == [r["iter"] for r in ra if "loss" in r]
     assert ra == rb

@@ -7,6 +7,7 @@
 - fp16 gradient overflow is handled by the GradScaler (CPU): the step is skipped,
   the scale halves, the weights stay finite and unchanged.
 """
+
 import json
 import math
 import os
@@ -65,10 +66,25 @@ def _trainer(tmp_path, loss_fn, nonfinite="stop", amp="off", clip=0.0, max_iter=
     torch.manual_seed(0)
     model = _Net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return Trainer(model, opt, _loader_fn(), loss_fn, LRSchedule("constant", max_iter), lr=1e-2, max_iter=max_iter,
-                   samples_per_iter=8 * accum, output_dir=str(tmp_path), device=torch.device("cpu"), amp=amp,
-                   accum_steps=accum, clip_grad_norm=clip, checkpoint_period=2, log_period=1, nonfinite=nonfinite,
-                   hooks=hooks)
+    return Trainer(
+        model,
+        opt,
+        _loader_fn(),
+        loss_fn,
+        LRSchedule("constant", max_iter),
+        lr=1e-2,
+        max_iter=max_iter,
+        samples_per_iter=8 * accum,
+        output_dir=str(tmp_path),
+        device=torch.device("cpu"),
+        amp=amp,
+        accum_steps=accum,
+        clip_grad_norm=clip,
+        checkpoint_period=2,
+        log_period=1,
+        nonfinite=nonfinite,
+        hooks=hooks,
+    )
 
 
 def _loss_with_fault(bad_iter, value, term="loss_b"):
@@ -107,8 +123,18 @@ def test_nonfinite_stop_through_the_tool_is_one_error_line(tmp_path, toy, capsys
     from .conftest import error_lines, run_tool_inprocess, write_pretrain_config
 
     cfg = write_pretrain_config(tmp_path / "c.yaml", tmp_path / "out", toy["train_images"])
-    r = run_tool_inprocess("pretrain", ["--config", cfg, "solver.lr=1.0e+30", "solver.warmup_iters=0",
-                                        "model.norm_pix_loss=false", "train.checkpoint_period=100"], capsys)
+    r = run_tool_inprocess(
+        "pretrain",
+        [
+            "--config",
+            cfg,
+            "solver.lr=1.0e+30",
+            "solver.warmup_iters=0",
+            "model.norm_pix_loss=false",
+            "train.checkpoint_period=100",
+        ],
+        capsys,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     errors = error_lines(r.stderr)
     assert len(errors) == 1 and "non-finite loss at iteration" in errors[0] and "loss_mae=" in errors[0], r.stderr

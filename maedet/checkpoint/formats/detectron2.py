@@ -11,12 +11,13 @@ last class (first here); its class-specific ``bbox_pred`` has K x 4 rows
 (K + 1 here). The unused background rows of a maedet model are kept in the
 detectron2 file under ``maedet.background`` so that converting back is exact.
 """
+
 from __future__ import annotations
 
 import pickle
 import re
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -25,8 +26,7 @@ from maedet.checkpoint.report import Report, shape_of, to_tensor
 from maedet.utils.errors import CheckpointError
 from maedet.utils.fileio import atomic_write
 
-__all__ = ["maedet_key_to_d2", "d2_key_to_maedet", "maedet_det_to_d2", "d2_to_maedet_det", "write_d2",
-           "head_layout"]
+__all__ = ["maedet_key_to_d2", "d2_key_to_maedet", "maedet_det_to_d2", "d2_to_maedet_det", "write_d2", "head_layout"]
 
 # detectron2 GeneralizedRCNN buffers persisted by older versions; maedet normalizes in the model.
 D2_DROP = ("pixel_mean", "pixel_std")
@@ -57,7 +57,7 @@ _RE = {
 _BACKBONE_RE = re.compile(r"backbone\.(net\.|simfp_\d+\.)")
 
 
-def _stage(m: "re.Match", cascade: bool) -> Optional[str]:
+def _stage(m: re.Match, cascade: bool) -> Optional[str]:
     """The ``"{s}."`` prefix of a cascade key, "" for a standard key, None on a mismatch."""
     s = m.group(1)
     if cascade != (s is not None):
@@ -65,7 +65,7 @@ def _stage(m: "re.Match", cascade: bool) -> Optional[str]:
     return f"{s}." if s is not None else ""
 
 
-def _box_fc_to_d2(m: "re.Match", box: int, cascade: bool) -> Optional[str]:
+def _box_fc_to_d2(m: re.Match, box: int, cascade: bool) -> Optional[str]:
     st = _stage(m, cascade)
     j = int(m.group(2)) - box - 1  # Sequential index after the convs and Flatten; (Linear, ReLU) pairs
     if st is None or j < 0 or j % 2:
@@ -74,31 +74,37 @@ def _box_fc_to_d2(m: "re.Match", box: int, cascade: bool) -> Optional[str]:
 
 
 def _box_layer_to_d2(kind: str) -> Callable:
-    def rename(m: "re.Match", box: int, rpn: int, cascade: bool) -> Optional[str]:
+    def rename(m: re.Match, box: int, rpn: int, cascade: bool) -> Optional[str]:
         st, i = _stage(m, cascade), int(m.group(2))
         if st is None or i >= box:
             return None
         return f"roi_heads.box_head.{st}conv{i + 1}.{'norm.' if kind == 'norm' else ''}{m.group(3)}"
+
     return rename
 
 
 def _box_layer_from_d2(kind: str) -> Callable:
-    def rename(m: "re.Match", box: int, cascade: bool) -> Optional[str]:
+    def rename(m: re.Match, box: int, cascade: bool) -> Optional[str]:
         st, i = _stage(m, cascade), int(m.group(2))
         if st is None or i < 1:
             return None
         return f"roi_heads.box_head.{st}{i - 1}.{'1' if kind == 'norm' else '0'}.{m.group(3)}"
+
     return rename
 
 
-def _predictor(m: "re.Match", *args) -> Optional[str]:
+def _predictor(m: re.Match, *args) -> Optional[str]:
     return None if _stage(m, args[-1]) is None else m.group(0)
 
 
 # (pattern, rename) pairs, first match wins; rename returns the new key or None (no counterpart).
 _TO_D2 = [
-    ("rpn_conv", lambda m, box, rpn, c: "proposal_generator.rpn_head.conv."
-     + (f"conv{m.group(1)}." if rpn > 1 else "") + m.group(2)),
+    (
+        "rpn_conv",
+        lambda m, box, rpn, c: (
+            "proposal_generator.rpn_head.conv." + (f"conv{m.group(1)}." if rpn > 1 else "") + m.group(2)
+        ),
+    ),
     ("rpn_cls", lambda m, box, rpn, c: f"proposal_generator.rpn_head.objectness_logits.{m.group(1)}"),
     ("rpn_box", lambda m, box, rpn, c: f"proposal_generator.rpn_head.anchor_deltas.{m.group(1)}"),
     ("box_conv", _box_layer_to_d2("conv")),
@@ -116,8 +122,14 @@ _FROM_D2 = [
     ("d2_rpn_box", lambda m, box, c: f"rpn.head.bbox_pred.{m.group(1)}"),
     ("d2_box_norm", _box_layer_from_d2("norm")),
     ("d2_box_conv", _box_layer_from_d2("conv")),
-    ("d2_box_fc", lambda m, box, c: None if _stage(m, c) is None or int(m.group(2)) < 1 else
-     f"roi_heads.box_head.{_stage(m, c)}{box + 1 + 2 * (int(m.group(2)) - 1)}.{m.group(3)}"),
+    (
+        "d2_box_fc",
+        lambda m, box, c: (
+            None
+            if _stage(m, c) is None or int(m.group(2)) < 1
+            else f"roi_heads.box_head.{_stage(m, c)}{box + 1 + 2 * (int(m.group(2)) - 1)}.{m.group(3)}"
+        ),
+    ),
     ("predictor", _predictor),
     ("d2_mask_norm", lambda m, box, c: f"roi_heads.mask_head.{int(m.group(1)) - 1}.1.{m.group(2)}"),
     ("d2_mask_conv", lambda m, box, c: f"roi_heads.mask_head.{int(m.group(1)) - 1}.0.{m.group(2)}"),
@@ -152,12 +164,15 @@ def d2_key_to_maedet(key: str, num_box_convs: int, cascade: bool = False) -> Opt
     return _rename(key, _FROM_D2, num_box_convs, cascade)
 
 
-def head_layout(keys) -> Tuple[int, int, bool]:
+def head_layout(keys: Iterable[str]) -> Tuple[int, int, bool]:
     """(box-head convs per stage, RPN convs, cascade?) of a maedet detection state's keys."""
     keys = list(keys)
     cascade = any(re.fullmatch(r"roi_heads\.box_predictor\.\d+\.cls_score\.weight", k) for k in keys)
-    box = {int(m.group(2)) for m in map(_RE["box_conv"].fullmatch, keys)
-           if m and (m.group(1) is not None) == cascade and m.group(1) in (None, "0")}
+    box = {
+        int(m.group(2))
+        for m in map(_RE["box_conv"].fullmatch, keys)
+        if m and (m.group(1) is not None) == cascade and m.group(1) in (None, "0")
+    }
     rpn = {int(m.group(1)) for m in map(_RE["rpn_conv"].fullmatch, keys) if m}
     return len(box), len(rpn), cascade
 
@@ -180,8 +195,9 @@ def _to_d2_tensor(key: str, t: torch.Tensor) -> Tuple[torch.Tensor, Optional[tor
     return t, None, ""
 
 
-def _to_maedet_tensor(key: str, t: torch.Tensor, expected: Tuple[int, ...],
-                      background: Optional[torch.Tensor]) -> Tuple[torch.Tensor, str]:
+def _to_maedet_tensor(
+    key: str, t: torch.Tensor, expected: Tuple[int, ...], background: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, str]:
     """maedet tensor (and a note) from a detectron2 tensor; ``expected``: the maedet shape."""
     if _is("cls_score", key):
         return torch.cat([t[-1:], t[:-1]], dim=0), "background row moved from last to first"
@@ -199,32 +215,35 @@ def _to_maedet_tensor(key: str, t: torch.Tensor, expected: Tuple[int, ...],
     return torch.cat([bg, t], dim=0), f"{t.shape[0]} -> {t.shape[0] + rows} rows: unused {kind} prepended ({how})"
 
 
-def _tensors(state: Mapping[str, Any]) -> "OrderedDict[str, torch.Tensor]":
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+def _tensors(state: Mapping[str, Any]) -> OrderedDict[str, torch.Tensor]:
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for k, v in state.items():
         t = to_tensor(v)
         if isinstance(k, str) and t is not None:
-            out[k[len("module."):] if k.startswith("module.") else k] = t
+            out[k[len("module.") :] if k.startswith("module.") else k] = t
     return out
 
 
-def maedet_det_to_d2(state: Mapping[str, torch.Tensor], report: Report,
-                     layout: Optional[Mapping[str, torch.Tensor]] = None
-                     ) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, torch.Tensor]]:
+def maedet_det_to_d2(
+    state: Mapping[str, torch.Tensor], report: Report, layout: Optional[Mapping[str, torch.Tensor]] = None
+) -> Tuple[OrderedDict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """maedet detection state -> detectron2 state (and the unused background rows, maedet names).
 
     ``layout`` (the model built from its config on the ``meta`` device), when given,
     is checked key by key and shape by shape first.
     """
     state = _tensors(state)
-    d2_like = [k for k in state if k.startswith("proposal_generator.") or re.match(r"roi_heads\.box_head\.(\d+\.)?conv\d", k)]
+    d2_like = [
+        k for k in state if k.startswith("proposal_generator.") or re.match(r"roi_heads\.box_head\.(\d+\.)?conv\d", k)
+    ]
     if d2_like:
-        raise CheckpointError(f"checkpoint {report.source} looks like a detectron2 checkpoint (key '{d2_like[0]}'); "
-                              "use --from d2-vitdet")
+        raise CheckpointError(
+            f"checkpoint {report.source} looks like a detectron2 checkpoint (key '{d2_like[0]}'); use --from d2-vitdet"
+        )
     if layout is not None:
         _check(state, {k: shape_of(v) for k, v in layout.items()}, report)
     box, rpn, cascade = head_layout(state)
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     background: Dict[str, torch.Tensor] = OrderedDict()
     for k, t in state.items():
         d2k = maedet_key_to_d2(k, box, rpn, cascade)
@@ -241,8 +260,12 @@ def maedet_det_to_d2(state: Mapping[str, torch.Tensor], report: Report,
     return out, background
 
 
-def d2_to_maedet_det(state: Mapping[str, Any], report: Report, layout: Mapping[str, torch.Tensor],
-                     background: Optional[Mapping[str, Any]] = None) -> "OrderedDict[str, torch.Tensor]":
+def d2_to_maedet_det(
+    state: Mapping[str, Any],
+    report: Report,
+    layout: Mapping[str, torch.Tensor],
+    background: Optional[Mapping[str, Any]] = None,
+) -> OrderedDict[str, torch.Tensor]:
     """detectron2 state (tensors or numpy arrays) -> maedet state laid out as ``layout``.
 
     Class-agnostic detectron2 box / mask predictors are repeated per class;
@@ -251,21 +274,26 @@ def d2_to_maedet_det(state: Mapping[str, Any], report: Report, layout: Mapping[s
     state = _tensors(state)
     tv_like = [k for k in state if k.startswith(("rpn.head.", "roi_heads.mask_predictor."))]
     if tv_like:
-        raise CheckpointError(f"checkpoint {report.source} looks like a maedet detection checkpoint "
-                              f"(key '{tv_like[0]}'); use --from maedet-det")
+        raise CheckpointError(
+            f"checkpoint {report.source} looks like a maedet detection checkpoint "
+            f"(key '{tv_like[0]}'); use --from maedet-det"
+        )
     box, rpn, cascade = head_layout(layout)
-    expected: "OrderedDict[str, Tuple[int, ...]]" = OrderedDict()
+    expected: OrderedDict[str, Tuple[int, ...]] = OrderedDict()
     to_maedet: Dict[str, str] = {}
     for k, t in layout.items():
         d2k = maedet_key_to_d2(k, box, rpn, cascade)
         if d2k is not None:
             expected[d2k] = shape_of(_to_d2_tensor(k, t)[0])
             to_maedet[d2k] = k
-    agnostic = {d2k: [(1 if _is("mask_logits", k) else 4,) + expected[d2k][1:]]
-                for d2k, k in to_maedet.items() if _is("bbox_pred", k) or _is("mask_logits", k)}
+    agnostic = {
+        d2k: [(1 if _is("mask_logits", k) else 4,) + expected[d2k][1:]]
+        for d2k, k in to_maedet.items()
+        if _is("bbox_pred", k) or _is("mask_logits", k)
+    }
     _check(state, expected, report, drop=D2_DROP, alt_shapes=agnostic)
     bgs = {k: to_tensor(v) for k, v in (background or {}).items()}
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for d2k, mk in to_maedet.items():
         if d2k not in state:
             continue
@@ -277,8 +305,13 @@ def d2_to_maedet_det(state: Mapping[str, Any], report: Report, layout: Mapping[s
     return out
 
 
-def _check(state: Mapping[str, torch.Tensor], layout: Mapping[str, Tuple[int, ...]], report: Report,
-           drop=(), alt_shapes: Optional[Mapping[str, List[Tuple[int, ...]]]] = None) -> None:
+def _check(
+    state: Mapping[str, torch.Tensor],
+    layout: Mapping[str, Tuple[int, ...]],
+    report: Report,
+    drop=(),
+    alt_shapes: Optional[Mapping[str, List[Tuple[int, ...]]]] = None,
+) -> None:
     alt_shapes = alt_shapes or {}
     for k, v in state.items():
         if k in drop:
@@ -288,8 +321,10 @@ def _check(state: Mapping[str, torch.Tensor], layout: Mapping[str, Tuple[int, ..
         if exp is None:
             report.unexpected.append(k)
         elif shape_of(v) != tuple(exp) and shape_of(v) not in alt_shapes.get(k, ()):
-            raise CheckpointError(f"checkpoint {report.source}: key '{k}' has shape {shape_of(v)}, expected "
-                                  f"{tuple(exp)} for this architecture (other model size or number of classes?)")
+            raise CheckpointError(
+                f"checkpoint {report.source}: key '{k}' has shape {shape_of(v)}, expected "
+                f"{tuple(exp)} for this architecture (other model size or number of classes?)"
+            )
     report.missing.extend(k for k in layout if k not in state)
 
 

@@ -5,6 +5,7 @@ its tensors and writing one is writing the encoder state as it is, as a
 ``torch.save`` file or a ``.safetensors`` file (timm's hub format), for
 ``timm.create_model(..., num_classes=0, global_pool="token")``.
 """
+
 from __future__ import annotations
 
 from typing import Mapping

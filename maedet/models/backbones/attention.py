@@ -6,6 +6,7 @@ detectron2's ViTDet), with three implementations that agree to float precision:
 ``sdpa`` (default; never keeps a tokens x tokens matrix), ``sdpa_mask`` and
 ``explicit`` (the reference). See :func:`attention_rel_pos` for how each works.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -226,9 +227,7 @@ def attention_rel_pos(
         attn = (q * scale) @ k.transpose(-2, -1)
         if use_rel_pos:
             k_h, k_w = k_size
-            attn = (
-                attn.unflatten(-1, (k_h, k_w)) + rel_h[..., :, None] + rel_w[..., None, :]
-            ).flatten(-2)
+            attn = (attn.unflatten(-1, (k_h, k_w)) + rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
         return attn.softmax(dim=-1) @ v
     if not use_rel_pos:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)

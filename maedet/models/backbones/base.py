@@ -1,4 +1,5 @@
 """What every backbone provides to the rest of maedet."""
+
 from __future__ import annotations
 
 from typing import Dict, Mapping

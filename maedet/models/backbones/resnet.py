@@ -8,6 +8,7 @@ so torchvision ImageNet weights load by name (``model.backbone.pretrained``).
 Batch norm is frozen (statistics and affine fixed), as detection backbones
 trained with a few images per GPU use it.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Literal
@@ -34,8 +35,13 @@ class ResNet(Backbone):
         out_feature: name of the output (stride 16).
     """
 
-    def __init__(self, *, variant: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18",
-                 freeze_at: int = 0, out_feature: str = "res4"):
+    def __init__(
+        self,
+        *,
+        variant: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18",
+        freeze_at: int = 0,
+        out_feature: str = "res4",
+    ):
         super().__init__()
         if not 0 <= freeze_at <= 4:
             raise ValueError(f"freeze_at must be in [0, 4], got {freeze_at}")

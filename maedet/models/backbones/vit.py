@@ -10,6 +10,7 @@ inside non-overlapping windows (the grid is zero-padded to a multiple of the
 window); a few blocks attend globally. Every attention adds detectron2's
 decomposed relative-position bias (:mod:`maedet.models.backbones.attention`).
 """
+
 from __future__ import annotations
 
 import re
@@ -403,8 +404,10 @@ class ViT(Backbone):
         for k, v in state.items():
             m = BLOCK_RE.match(k)
             if m and int(m.group(1)) >= self.depth:
-                raise CheckpointError(f"key '{k}' is beyond the model's depth (checkpoint has {depth_in} blocks, "
-                                      f"the model {self.depth}; wrong model size?)")
+                raise CheckpointError(
+                    f"key '{k}' is beyond the model's depth (checkpoint has {depth_in} blocks, "
+                    f"the model {self.depth}; wrong model size?)"
+                )
             if k not in own:
                 continue
             target = own[k]
@@ -413,14 +416,18 @@ class ViT(Backbone):
             elif k.endswith(("rel_pos_h", "rel_pos_w")) and v.dim() == 2 and v.shape[1] == target.shape[1]:
                 out[k] = v.to(target.dtype) if v.shape[0] == target.shape[0] else _resize_rel_pos(v, target.shape[0])
             elif tuple(v.shape) != tuple(target.shape):
-                raise CheckpointError(f"key '{k}' has shape {tuple(v.shape)}, the model expects "
-                                      f"{tuple(target.shape)} (different model size?)")
+                raise CheckpointError(
+                    f"key '{k}' has shape {tuple(v.shape)}, the model expects "
+                    f"{tuple(target.shape)} (different model size?)"
+                )
             else:
                 out[k] = v.to(target.dtype)
         for k in own:  # everything but the rel-pos tables must come from the checkpoint
             if k not in out and not k.endswith(("rel_pos_h", "rel_pos_w")):
-                raise CheckpointError(f"lacks model key '{k}' (checkpoint has {depth_in} blocks, the model "
-                                      f"{self.depth}; wrong model size or architecture?)")
+                raise CheckpointError(
+                    f"lacks model key '{k}' (checkpoint has {depth_in} blocks, the model "
+                    f"{self.depth}; wrong model size or architecture?)"
+                )
         return out
 
     # ---------------------------------------------------------------- modules
@@ -448,7 +455,7 @@ class ViT(Backbone):
             m.requires_grad_(False)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "ViT":
+    def train(self, mode: bool = True) -> ViT:
         """Set train/eval mode; frozen parts always stay in eval mode."""
         super().train(mode)
         if self.freeze:
@@ -467,15 +474,16 @@ class ViT(Backbone):
         """
         H, W = x.shape[-2:]
         if H % self.patch_size or W % self.patch_size:
-            raise ValueError(
-                f"ViT input size {H}x{W} is not divisible by the patch size {self.patch_size}"
-            )
+            raise ValueError(f"ViT input size {H}x{W} is not divisible by the patch size {self.patch_size}")
         x = self.patch_embed(x)  # (B, h, w, C)
         if self.pos_embed is not None:
             x = x + get_abs_pos(self.pos_embed, self.pretrain_use_cls_token, (x.shape[1], x.shape[2]))
         for blk in self.blocks:
-            if self.use_act_checkpoint and self.training and torch.is_grad_enabled() and (
-                x.requires_grad or any(p.requires_grad for p in blk.parameters())
+            if (
+                self.use_act_checkpoint
+                and self.training
+                and torch.is_grad_enabled()
+                and (x.requires_grad or any(p.requires_grad for p in blk.parameters()))
             ):
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:

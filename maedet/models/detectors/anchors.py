@@ -7,6 +7,7 @@ feature map: anchor ``(y, x, a)`` is ``cell[a] + (x, y, x, y) * stride + offset 
 flattened in (H, W, A) order, the order of the RPN head's outputs. Anchors are
 always float32, whatever the autocast dtype of the features.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ class DefaultAnchorGenerator(nn.Module):
         offset: anchor centre offset in units of the stride (detectron2's ViTDet: 0.0).
     """
 
-    def __init__(self, sizes: Sequence[float], aspect_ratios: Sequence[float], strides: Sequence[int],
-                 offset: float = 0.0):
+    def __init__(
+        self, sizes: Sequence[float], aspect_ratios: Sequence[float], strides: Sequence[int], offset: float = 0.0
+    ):
         super().__init__()
         if len(sizes) != len(strides):
             raise ValueError(f"one anchor size per level: {len(sizes)} sizes for {len(strides)} levels")

@@ -5,6 +5,7 @@ Box deltas come out of the heads in the autocast dtype (bfloat16 under
 As detectron2 does (``deltas.float()``), every decode, clip and filter here runs
 in float32 whatever the input dtype.
 """
+
 from __future__ import annotations
 
 import math

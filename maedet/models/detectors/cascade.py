@@ -15,6 +15,7 @@ class-agnostic box predictor with weights ``bbox_reg_weights[k]``:
   probabilities are averaged over the stages and the last stage's boxes kept,
   then per-class NMS as in Mask R-CNN; the mask head runs on the final boxes.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -69,20 +70,32 @@ class CascadeRoIHeads(StandardRoIHeads):
         *,
         stage_iou_thresholds: Sequence[float] = (0.5, 0.6, 0.7),
         stage_bbox_reg_weights: Sequence[Sequence[float]] = (
-            (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0)),
+            (10.0, 10.0, 5.0, 5.0),
+            (20.0, 20.0, 10.0, 10.0),
+            (30.0, 30.0, 15.0, 15.0),
+        ),
         **kwargs,
     ):
         if len(stage_iou_thresholds) != len(stage_bbox_reg_weights) or not stage_iou_thresholds:
-            raise ValueError(f"one IoU threshold and one set of box weights per stage, got {len(stage_iou_thresholds)} "
-                             f"and {len(stage_bbox_reg_weights)}")
+            raise ValueError(
+                f"one IoU threshold and one set of box weights per stage, got {len(stage_iou_thresholds)} "
+                f"and {len(stage_bbox_reg_weights)}"
+            )
         if any(len(w) != 4 for w in stage_bbox_reg_weights):
             raise ValueError(f"stage_bbox_reg_weights needs 4 weights per stage, got {list(stage_bbox_reg_weights)}")
         if "fg_iou_thresh" in kwargs or "bbox_reg_weights" in kwargs:
-            raise ValueError("cascade heads take stage_iou_thresholds and stage_bbox_reg_weights instead of "
-                             "fg_iou_thresh and bbox_reg_weights")
+            raise ValueError(
+                "cascade heads take stage_iou_thresholds and stage_bbox_reg_weights instead of "
+                "fg_iou_thresh and bbox_reg_weights"
+            )
         self.stage_weights = [tuple(float(v) for v in w) for w in stage_bbox_reg_weights]
-        super().__init__(input_shape, num_classes, fg_iou_thresh=stage_iou_thresholds[0],
-                         bbox_reg_weights=self.stage_weights[0], **kwargs)
+        super().__init__(
+            input_shape,
+            num_classes,
+            fg_iou_thresh=stage_iou_thresholds[0],
+            bbox_reg_weights=self.stage_weights[0],
+            **kwargs,
+        )
         self.stage_matchers = [det_utils.Matcher(t, t, allow_low_quality_matches=False) for t in stage_iou_thresholds]
 
     @property
@@ -91,11 +104,13 @@ class CascadeRoIHeads(StandardRoIHeads):
 
     def _build_box_layers(self, bbox_reg_weights: Sequence[float]) -> None:
         convs, fcs = self.box_head_dims
-        dim = fcs[-1] if fcs else convs[-1] * self.box_resolution ** 2
+        dim = fcs[-1] if fcs else convs[-1] * self.box_resolution**2
         self.box_head = nn.ModuleList(
-            [build_box_head(self.channels, self.box_resolution, convs, fcs, self.conv_norm) for _ in self.stage_weights])
+            [build_box_head(self.channels, self.box_resolution, convs, fcs, self.conv_norm) for _ in self.stage_weights]
+        )
         self.box_predictor = nn.ModuleList(
-            [BoxPredictor(dim, self.num_classes, cls_agnostic=True) for _ in self.stage_weights])
+            [BoxPredictor(dim, self.num_classes, cls_agnostic=True) for _ in self.stage_weights]
+        )
         self.box_transforms = [BoxTransform(w) for w in self.stage_weights]
 
     def _run_stage(self, features: Dict[str, torch.Tensor], boxes: List[torch.Tensor], stage: int):
@@ -149,8 +164,10 @@ class CascadeRoIHeads(StandardRoIHeads):
             if k < self.num_stages - 1:
                 boxes = refined
         scores = (sum(stage_scores) * (1.0 / self.num_stages)).split(n)
-        results = [fast_rcnn_inference(b, s, size, self.score_thresh, self.nms_thresh, self.detections_per_img)
-                   for b, s, size in zip(refined, scores, image_sizes)]
+        results = [
+            fast_rcnn_inference(b, s, size, self.score_thresh, self.nms_thresh, self.detections_per_img)
+            for b, s, size in zip(refined, scores, image_sizes)
+        ]
         if self.mask_on:
             self.predict_masks(features, results)
         return results
@@ -158,17 +175,21 @@ class CascadeRoIHeads(StandardRoIHeads):
     def _train_forward(self, features, proposals, image_sizes, targets) -> Dict[str, torch.Tensor]:
         boxes, labels, matched = self.label_and_sample_proposals(proposals, targets)
         first = (boxes, labels, matched)
-        gts = [t["boxes"].float()[m] if t["boxes"].numel() else torch.zeros(len(m), 4, device=m.device)
-               for t, m in zip(targets, matched)]
+        gts = [
+            t["boxes"].float()[m] if t["boxes"].numel() else torch.zeros(len(m), 4, device=m.device)
+            for t, m in zip(targets, matched)
+        ]
         losses: Dict[str, torch.Tensor] = {}
+        refined: List[torch.Tensor] = []
         for k in range(self.num_stages):
             if k > 0:
                 boxes = [clip_boxes(b.detach(), size) for b, size in zip(refined, image_sizes)]
                 boxes = [b[nonempty(b)] for b in boxes]
                 labels, gts = self._match(boxes, targets, k)
             logits, deltas = self._run_stage(features, boxes, k)
-            loss_cls, loss_box = self.box_losses(logits, deltas, torch.cat(boxes), torch.cat(labels), torch.cat(gts),
-                                                 self.box_transforms[k])
+            loss_cls, loss_box = self.box_losses(
+                logits, deltas, torch.cat(boxes), torch.cat(labels), torch.cat(gts), self.box_transforms[k]
+            )
             losses[f"loss_classifier_stage{k}"] = loss_cls
             losses[f"loss_box_reg_stage{k}"] = loss_box
             refined = self._refine(deltas.detach(), boxes, k)

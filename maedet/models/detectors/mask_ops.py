@@ -10,6 +10,7 @@ Memory stays bounded by the boxes, not the image: each mask is sampled only over
 its box (plus one pixel), as detectron2's CPU path does; the values outside are
 below any threshold > 0 by construction.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Tuple
@@ -22,8 +23,9 @@ import torch.nn.functional as F
 __all__ = ["paste_mask", "paste_masks_in_image", "iter_pasted_masks", "encode_rle"]
 
 
-def paste_mask(mask: torch.Tensor, box: torch.Tensor, image_size: Tuple[int, int],
-               threshold: float = 0.5) -> Tuple[torch.Tensor, Tuple[slice, slice]]:
+def paste_mask(
+    mask: torch.Tensor, box: torch.Tensor, image_size: Tuple[int, int], threshold: float = 0.5
+) -> Tuple[torch.Tensor, Tuple[slice, slice]]:
     """One (M, M) probability mask pasted into its (4,) box.
 
     Returns:
@@ -52,8 +54,9 @@ def paste_mask(mask: torch.Tensor, box: torch.Tensor, image_size: Tuple[int, int
     return sampled >= threshold, (rows, cols)
 
 
-def iter_pasted_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int],
-                      threshold: float = 0.5, chunk_size: int = 16) -> Iterator[torch.Tensor]:
+def iter_pasted_masks(
+    masks: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int], threshold: float = 0.5, chunk_size: int = 16
+) -> Iterator[torch.Tensor]:
     """Yield the pasted masks in chunks of at most ``chunk_size``, each (n, H, W) bool on the CPU.
 
     Peak memory: one chunk of full-size bool masks plus one box region.
@@ -75,8 +78,9 @@ def iter_pasted_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: Tupl
         yield chunk
 
 
-def paste_masks_in_image(masks: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int],
-                         threshold: float = 0.5) -> torch.Tensor:
+def paste_masks_in_image(
+    masks: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int], threshold: float = 0.5
+) -> torch.Tensor:
     """(N, H, W) bool masks (see :func:`iter_pasted_masks`)."""
     h, w = int(image_size[0]), int(image_size[1])
     parts = list(iter_pasted_masks(masks, boxes, image_size, threshold))

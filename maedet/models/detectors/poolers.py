@@ -1,4 +1,5 @@
 """Multi-level RoIAlign as detectron2's ``ROIPooler(pooler_type="ROIAlignV2")``."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,9 @@ from torchvision.ops import roi_align
 __all__ = ["MultiLevelRoIAlign", "assign_boxes_to_levels"]
 
 
-def assign_boxes_to_levels(boxes: torch.Tensor, min_level: int, max_level: int, canonical_box_size: float = 224.0,
-                           canonical_level: int = 4) -> torch.Tensor:
+def assign_boxes_to_levels(
+    boxes: torch.Tensor, min_level: int, max_level: int, canonical_box_size: float = 224.0, canonical_level: int = 4
+) -> torch.Tensor:
     """Pyramid level index (0-based from ``min_level``) of each (N, 4) box (FPN paper, eq. 1).
 
     ``floor(canonical_level + log2(sqrt(area) / canonical_box_size + 1e-8))``,
@@ -35,14 +37,21 @@ class MultiLevelRoIAlign(nn.Module):
         canonical_box_size, canonical_level: a box of side 224 pools from level 4.
     """
 
-    def __init__(self, in_features: Sequence[str], strides: Sequence[int], output_size: int,
-                 sampling_ratio: int = 0, aligned: bool = True, canonical_box_size: float = 224.0,
-                 canonical_level: int = 4):
+    def __init__(
+        self,
+        in_features: Sequence[str],
+        strides: Sequence[int],
+        output_size: int,
+        sampling_ratio: int = 0,
+        aligned: bool = True,
+        canonical_box_size: float = 224.0,
+        canonical_level: int = 4,
+    ):
         super().__init__()
         if len(in_features) != len(strides):
             raise ValueError("one stride per pooled level")
         levels = [int(round(math.log2(s))) for s in strides]
-        if any(2 ** lv != s for lv, s in zip(levels, strides)) or levels != list(range(levels[0], levels[-1] + 1)):
+        if any(2**lv != s for lv, s in zip(levels, strides)) or levels != list(range(levels[0], levels[-1] + 1)):
             raise ValueError(f"pooled levels must have consecutive power-of-2 strides, got {list(strides)}")
         self.in_features = list(in_features)
         self.scales = [1.0 / s for s in strides]
@@ -63,14 +72,16 @@ class MultiLevelRoIAlign(nn.Module):
         """
         feats = [features[f] for f in self.in_features]
         concat = torch.cat([b.float() for b in boxes], dim=0)
-        ids = torch.cat([torch.full((len(b), 1), i, dtype=torch.float32, device=concat.device)
-                         for i, b in enumerate(boxes)], dim=0)
+        ids = torch.cat(
+            [torch.full((len(b), 1), i, dtype=torch.float32, device=concat.device) for i, b in enumerate(boxes)], dim=0
+        )
         rois = torch.cat([ids, concat], dim=1)
         S = (self.output_size, self.output_size)
         if len(feats) == 1:
             return roi_align(feats[0], rois, S, self.scales[0], self.sampling_ratio, self.aligned)
-        levels = assign_boxes_to_levels(concat, self.min_level, self.max_level, self.canonical_box_size,
-                                        self.canonical_level)
+        levels = assign_boxes_to_levels(
+            concat, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
+        )
         out = None
         for level, (feat, scale) in enumerate(zip(feats, self.scales)):
             idx = torch.nonzero(levels == level).squeeze(1)

@@ -14,6 +14,7 @@ RoI probabilities ``mask_probs`` (N, 1, M, M); :func:`maedet.models.detectors.ma
 pastes them into an image of any size, so that large images never hold N
 full-size float masks.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -71,7 +72,7 @@ class GeneralizedRCNN(nn.Module):
         """Layer-wise lr decay index of a parameter: the backbone's rule inside ``backbone.``,
         ``num_layers + 1`` for everything after it."""
         if name.startswith("backbone."):
-            return self.backbone.layer_id(name[len("backbone."):])
+            return self.backbone.layer_id(name[len("backbone.") :])
         return self.backbone.num_layers + 1
 
     def preprocess(self, images: List[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
@@ -119,8 +120,9 @@ class GeneralizedRCNN(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")
-            targets = [{k: v.to(batch.device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-                       for t in targets]
+            targets = [
+                {k: v.to(batch.device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets
+            ]
             proposals, _, losses = self.rpn(features, sizes, [t["boxes"] for t in targets])
             losses.update(self.roi_heads(features, proposals, sizes, targets))
             return losses
@@ -131,8 +133,9 @@ class GeneralizedRCNN(nn.Module):
         return [rescale_detections(r, s, o) for r, s, o in zip(results, sizes, output_sizes)]
 
 
-def rescale_detections(result: Dict[str, torch.Tensor], from_size: Tuple[int, int],
-                       to_size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+def rescale_detections(
+    result: Dict[str, torch.Tensor], from_size: Tuple[int, int], to_size: Tuple[int, int]
+) -> Dict[str, torch.Tensor]:
     """Detections of an image of ``from_size`` mapped to ``to_size`` (detectron2's
     ``detector_postprocess``): boxes scaled per axis, clipped, empty boxes dropped."""
     out_h, out_w = int(to_size[0]), int(to_size[1])
@@ -144,4 +147,3 @@ def rescale_detections(result: Dict[str, torch.Tensor], from_size: Tuple[int, in
     out = {k: v[keep] for k, v in result.items() if k != "boxes"}
     out["boxes"] = boxes[keep]
     return out
-

@@ -12,6 +12,7 @@ with aligned RoIAlign and binarized at 0.5. Inference follows
 ``fast_rcnn_inference``: softmax scores, boxes decoded in float32 per class and
 clipped, ``score > score_thresh``, per-class NMS, the ``detections_per_img`` best.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
@@ -55,8 +56,9 @@ class BoxPredictor(nn.Module):
         return self.cls_score(x), self.bbox_pred(x)
 
 
-def build_box_head(channels: int, resolution: int, conv_dims: Sequence[int], fc_dims: Sequence[int],
-                   conv_norm: str) -> FastRCNNConvFCHead:
+def build_box_head(
+    channels: int, resolution: int, conv_dims: Sequence[int], fc_dims: Sequence[int], conv_norm: str
+) -> FastRCNNConvFCHead:
     """detectron2's 4conv1fc head: 3x3 convs (norm, ReLU) then fc layers (ReLU); c2 inits."""
     norm = LayerNorm2d if conv_norm == "LN" else None
     head = FastRCNNConvFCHead((channels, resolution, resolution), list(conv_dims), list(fc_dims), norm_layer=norm)
@@ -78,8 +80,14 @@ def mask_targets(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_idxs: torc
     return (out >= 0.5).to(torch.float32)
 
 
-def fast_rcnn_inference(boxes: torch.Tensor, scores: torch.Tensor, image_size: Tuple[int, int],
-                        score_thresh: float, nms_thresh: float, topk: int) -> Dict[str, torch.Tensor]:
+def fast_rcnn_inference(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    image_size: Tuple[int, int],
+    score_thresh: float,
+    nms_thresh: float,
+    topk: int,
+) -> Dict[str, torch.Tensor]:
     """detectron2's ``fast_rcnn_inference_single_image`` with background at column 0.
 
     Args:
@@ -189,7 +197,7 @@ class StandardRoIHeads(nn.Module):
     def _build_box_layers(self, bbox_reg_weights: Sequence[float]) -> None:
         convs, fcs = self.box_head_dims
         self.box_head = build_box_head(self.channels, self.box_resolution, convs, fcs, self.conv_norm)
-        self.box_predictor = BoxPredictor(fcs[-1] if fcs else convs[-1] * self.box_resolution ** 2, self.num_classes)
+        self.box_predictor = BoxPredictor(fcs[-1] if fcs else convs[-1] * self.box_resolution**2, self.num_classes)
         self.box_transform = BoxTransform(bbox_reg_weights)
 
     # ------------------------------------------------------------------ training
@@ -225,8 +233,15 @@ class StandardRoIHeads(nn.Module):
             matched_out.append(matched[keep])
         return boxes_out, labels_out, matched_out
 
-    def box_losses(self, logits: torch.Tensor, deltas: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
-                   gt_boxes: torch.Tensor, box_transform: BoxTransform) -> Tuple[torch.Tensor, torch.Tensor]:
+    def box_losses(
+        self,
+        logits: torch.Tensor,
+        deltas: torch.Tensor,
+        boxes: torch.Tensor,
+        labels: torch.Tensor,
+        gt_boxes: torch.Tensor,
+        box_transform: BoxTransform,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy over all RoIs; L1 on the foreground's deltas (its class's, or the
         class-agnostic ones), summed and divided by the number of RoIs."""
         loss_cls = F.cross_entropy(logits.float(), labels)
@@ -237,8 +252,14 @@ class StandardRoIHeads(nn.Module):
         loss_box = box_regression_loss(deltas[fg, cols], target, self.smooth_l1_beta) / max(labels.numel(), 1)
         return loss_cls, loss_box
 
-    def mask_losses(self, features: Dict[str, torch.Tensor], boxes: List[torch.Tensor], labels: List[torch.Tensor],
-                    matched: List[torch.Tensor], targets: List[Target]) -> torch.Tensor:
+    def mask_losses(
+        self,
+        features: Dict[str, torch.Tensor],
+        boxes: List[torch.Tensor],
+        labels: List[torch.Tensor],
+        matched: List[torch.Tensor],
+        targets: List[Target],
+    ) -> torch.Tensor:
         """Per-pixel BCE of the foreground RoIs' gt-class mask logits against their targets."""
         fg_boxes, fg_targets, fg_labels = [], [], []
         size = None
@@ -281,10 +302,15 @@ class StandardRoIHeads(nn.Module):
                 raise ValueError("RoI heads need targets in training")
             boxes, labels, matched = self.label_and_sample_proposals(proposals, targets)
             logits, deltas = self.box_predictor(self.box_head(self.box_pooler(features, boxes)))
-            gt = torch.cat([t["boxes"].float()[m] if t["boxes"].numel() else torch.zeros(len(m), 4, device=m.device)
-                            for t, m in zip(targets, matched)])
-            loss_cls, loss_box = self.box_losses(logits, deltas, torch.cat(boxes), torch.cat(labels), gt,
-                                                 self.box_transform)
+            gt = torch.cat(
+                [
+                    t["boxes"].float()[m] if t["boxes"].numel() else torch.zeros(len(m), 4, device=m.device)
+                    for t, m in zip(targets, matched)
+                ]
+            )
+            loss_cls, loss_box = self.box_losses(
+                logits, deltas, torch.cat(boxes), torch.cat(labels), gt, self.box_transform
+            )
             losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
             if self.mask_on:
                 losses["loss_mask"] = self.mask_losses(features, boxes, labels, matched, targets)
@@ -293,8 +319,10 @@ class StandardRoIHeads(nn.Module):
         n = [len(p) for p in proposals]
         scores = F.softmax(logits.float(), dim=-1).split(n)
         boxes = self.box_transform.apply_deltas(deltas, torch.cat(proposals)).split(n)
-        results = [fast_rcnn_inference(b, s, size, self.score_thresh, self.nms_thresh, self.detections_per_img)
-                   for b, s, size in zip(boxes, scores, image_sizes)]
+        results = [
+            fast_rcnn_inference(b, s, size, self.score_thresh, self.nms_thresh, self.detections_per_img)
+            for b, s, size in zip(boxes, scores, image_sizes)
+        ]
         if self.mask_on:
             self.predict_masks(features, results)
         return results

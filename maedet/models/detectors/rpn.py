@@ -9,6 +9,7 @@ highest objectness logit, their deltas decoded in float32, clipped to the image,
 empty boxes dropped, NMS per level on the logits, the ``post_nms_topk`` best kept.
 Both losses are sums divided by ``batch_size_per_image x images``.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -87,7 +88,8 @@ class RPN(nn.Module):
             raise ValueError(f"RPN levels must have equal channels, got {sorted(channels)}")
         self.in_features = list(in_features)
         self.anchor_generator = DefaultAnchorGenerator(
-            anchor_sizes, aspect_ratios, [input_shape[f].stride for f in in_features], anchor_offset)
+            anchor_sizes, aspect_ratios, [input_shape[f].stride for f in in_features], anchor_offset
+        )
         self.head = RPNHead(channels.pop(), self.anchor_generator.num_anchors_per_location, conv_depth=conv_depth)
         self.box_transform = BoxTransform((1.0, 1.0, 1.0, 1.0))
         self.matcher = det_utils.Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
@@ -120,8 +122,7 @@ class RPN(nn.Module):
         B = feats[0].shape[0]
         # (B, A, H, W) -> (B, H*W*A); (B, A*4, H, W) -> (B, H*W*A, 4): the anchors' order
         logits = [o.permute(0, 2, 3, 1).reshape(B, -1) for o in objectness]
-        deltas = [d.view(B, -1, 4, d.shape[-2], d.shape[-1]).permute(0, 3, 4, 1, 2).reshape(B, -1, 4)
-                  for d in deltas]
+        deltas = [d.view(B, -1, 4, d.shape[-2], d.shape[-1]).permute(0, 3, 4, 1, 2).reshape(B, -1, 4) for d in deltas]
         losses: Dict[str, torch.Tensor] = {}
         if self.training:
             if gt_boxes is None:
@@ -132,8 +133,13 @@ class RPN(nn.Module):
         return proposals, scores, losses
 
     # ------------------------------------------------------------------ inference
-    def find_top_proposals(self, anchors: List[torch.Tensor], logits: List[torch.Tensor],
-                           deltas: List[torch.Tensor], image_sizes: List[Tuple[int, int]]):
+    def find_top_proposals(
+        self,
+        anchors: List[torch.Tensor],
+        logits: List[torch.Tensor],
+        deltas: List[torch.Tensor],
+        image_sizes: List[Tuple[int, int]],
+    ):
         """detectron2's ``find_top_rpn_proposals`` (see the module docstring)."""
         pre_k, post_k = self.pre_nms_topk[self.training], self.post_nms_topk[self.training]
         B = logits[0].shape[0]
@@ -143,8 +149,9 @@ class RPN(nn.Module):
             lg = lg.detach().float()
             k = min(pre_k, lg.shape[1])
             scores, idx = lg.topk(k, dim=1)
-            boxes = self.box_transform.apply_deltas(dl.detach()[batch_idx, idx].reshape(-1, 4),
-                                                    anc[idx.reshape(-1)]).view(B, k, 4)
+            boxes = self.box_transform.apply_deltas(
+                dl.detach()[batch_idx, idx].reshape(-1, 4), anc[idx.reshape(-1)]
+            ).view(B, k, 4)
             top_boxes.append(boxes)
             top_scores.append(scores)
             top_levels.append(torch.full((k,), level, dtype=torch.int64, device=lg.device))
@@ -186,8 +193,9 @@ class RPN(nn.Module):
             lab[~(p.bool() | ng.bool())] = -1.0
         return labels, matched
 
-    def losses(self, anchors: torch.Tensor, logits: torch.Tensor, deltas: torch.Tensor,
-               gt_boxes: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def losses(
+        self, anchors: torch.Tensor, logits: torch.Tensor, deltas: torch.Tensor, gt_boxes: List[torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
         """Objectness BCE over the sampled anchors and L1 box loss over the positive ones,
         both summed and divided by ``batch_size_per_image x images`` (detectron2)."""
         labels, matched = self.label_anchors(anchors, gt_boxes)

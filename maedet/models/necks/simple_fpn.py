@@ -10,11 +10,12 @@ Like every neck, it is itself a :class:`~maedet.models.backbones.base.Backbone`
 (:attr:`SimpleFeaturePyramid.padding_constraints`): the detector pads each batch
 to a ``square_pad`` square, bottom/right, as detectron2 does.
 """
+
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Dict, Literal, Mapping, Sequence
+from typing import Dict, Literal, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,7 +35,7 @@ class SimpleFeaturePyramid(Backbone):
     def __init__(
         self,
         net: Backbone,
-        in_feature: str = "last_feat",
+        in_feature: Optional[str] = None,
         out_channels: int = 256,
         scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
         top_block: bool = True,
@@ -44,7 +45,7 @@ class SimpleFeaturePyramid(Backbone):
         """
         Args:
             net: the backbone (a ViT); its ``forward`` returns {in_feature: (B, C, H/s, W/s)}.
-            in_feature: name of the ViT output used.
+            in_feature: name of the backbone output used (default: its only output).
             out_channels: channels of every pyramid level.
             scale_factors: resampling of the stride-s map per level; 4 and 2 use
                 transposed convs, 1 is the identity, 0.5 a 2x2 max pool.
@@ -59,8 +60,13 @@ class SimpleFeaturePyramid(Backbone):
         if not isinstance(net, nn.Module):
             raise TypeError("net must be a backbone module")
         self.net = net
+        outputs = net.output_shape()
+        if in_feature is None and len(outputs) == 1:
+            in_feature = next(iter(outputs))
+        if in_feature not in outputs:
+            raise ValueError(f"in_feature {in_feature!r} is not an output of the backbone (outputs: {list(outputs)})")
         self.in_feature = in_feature
-        shape = net.output_shape()[in_feature]
+        shape = outputs[in_feature]
         dim, in_stride = shape.channels, shape.stride
         self.scale_factors = tuple(float(s) for s in scale_factors)
         strides = [int(in_stride / scale) for scale in self.scale_factors]
@@ -137,13 +143,13 @@ class SimpleFeaturePyramid(Backbone):
     def layer_id(self, name: str) -> int:
         """The backbone's own rule for ``net.*``; the pyramid layers come after it."""
         if name.startswith("net."):
-            return self.net.layer_id(name[len("net."):])
+            return self.net.layer_id(name[len("net.") :])
         return self.net.num_layers + 1
 
     def filter_pretrained(self, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return self.net.filter_pretrained(state)
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """
         Args:
             x: (B, C_in, H, W) normalized images; H and W must be multiples of
@@ -154,8 +160,10 @@ class SimpleFeaturePyramid(Backbone):
         H, W = x.shape[-2:]
         d = self._size_divisibility
         if H % d or W % d:
-            raise ValueError(f"SimpleFeaturePyramid input {H}x{W} must have sides divisible by {d} "
-                             "(the detector pads batches to padding_constraints)")
+            raise ValueError(
+                f"SimpleFeaturePyramid input {H}x{W} must have sides divisible by {d} "
+                "(the detector pads batches to padding_constraints)"
+            )
         features = self.net(x)[self.in_feature]
         results = [stage(features) for stage in self.stages]
         if self.top_block:
