@@ -114,6 +114,37 @@ def test_window_covering_whole_grid_equals_global_attention():
     assert not torch.allclose(small(x), glob(x), atol=1e-4)
 
 
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_window_block_same_as_padding_before_the_projections(qkv_bias):
+    """Projecting only the real tokens (padding gets the qkv bias) gives detectron2's
+    numbers: pad after norm1, project every token, attend, unpad; values and grads."""
+    torch.manual_seed(0)
+    blk = Block(32, 2, qkv_bias=qkv_bias, use_rel_pos=True, rel_pos_zero_init=False, window_size=4)
+    with torch.no_grad():
+        if qkv_bias:
+            blk.attn.qkv.bias.normal_()
+        blk.attn.proj.bias.normal_()
+
+    def reference(x):
+        y = blk.norm1(x)
+        windows, pad_hw = window_partition(y, 4)
+        y = window_unpartition(blk.attn(windows), 4, pad_hw, (x.shape[1], x.shape[2]))
+        x = x + y
+        return x + blk.mlp(blk.norm2(x))
+
+    x = torch.randn(2, 7, 10, 32)
+    g = torch.randn(2, 7, 10, 32)
+    got = blk(x.clone().requires_grad_(True))
+    (got * g).sum().backward()
+    grads = {n: p.grad.clone() for n, p in blk.named_parameters()}
+    blk.zero_grad()
+    ref = reference(x)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for n, p in blk.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_pos_embed_resize_identity_and_other_sizes():
     vit = tiny_vit()
     pe = vit.pos_embed  # (1, 1 + 4*4, C) for pretrain_img_size 64

@@ -14,7 +14,14 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ATTN_IMPLS", "get_rel_pos", "get_decomposed_rel_pos", "attention_rel_pos"]
+__all__ = [
+    "ATTN_IMPLS",
+    "get_rel_pos",
+    "get_decomposed_rel_pos",
+    "attention_rel_pos",
+    "window_partition",
+    "window_unpartition",
+]
 
 ATTN_IMPLS = ("sdpa", "sdpa_mask", "explicit")
 
@@ -93,9 +100,14 @@ def get_decomposed_rel_pos(
 _CPU_CHUNK_ELEMENTS = 1 << 22
 
 
-def _rel_pos_bias(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
-    """(..., n, k_h) + (..., n, k_w) -> (..., n, k_h * k_w) additive bias (row-major keys)."""
-    return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+def _rel_pos_bias(rel_h: torch.Tensor, rel_w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(..., n, k_h) + (..., n, k_w) -> (..., n, k_h * k_w) additive bias (row-major keys).
+
+    ``out``: a (..., n, k_h, k_w) buffer to write into (reused across chunks, see
+    :func:`_chunked_sdpa_forward`)."""
+    if out is None:
+        return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+    return torch.add(rel_h[..., :, None], rel_w[..., None, :], out=out).flatten(-2)
 
 
 def _query_chunk(q: torch.Tensor, n_keys: int) -> int:
@@ -103,17 +115,26 @@ def _query_chunk(q: torch.Tensor, n_keys: int) -> int:
     return max(1, min(q.shape[-2], _CPU_CHUNK_ELEMENTS // (rows * n_keys)))
 
 
+def _chunks(n: int, chunk: int):
+    """(start, end) of each query chunk; the last one may be shorter."""
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
 def _chunked_sdpa_forward(q, k, v, rel_h, rel_w, scale: float, chunk: int) -> torch.Tensor:
-    """SDPA over query chunks with the chunk's (chunk x N) bias as ``attn_mask`` (no grad)."""
+    """SDPA over query chunks with the chunk's (chunk x N) bias as ``attn_mask`` (no grad).
+
+    The bias is written into one buffer reused by every chunk: a fresh 16 MB tensor
+    per chunk is a fresh ``mmap`` whose page faults cost as much as filling it.
+    """
     n = q.shape[-2]
+    lead, k_h, k_w = rel_h.shape[:-2], rel_h.shape[-1], rel_w.shape[-1]
     if chunk >= n:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_rel_pos_bias(rel_h, rel_w), scale=scale)
     out = torch.empty_like(q)
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        out[..., s:e, :] = F.scaled_dot_product_attention(
-            q[..., s:e, :], k, v, attn_mask=_rel_pos_bias(rel_h[..., s:e, :], rel_w[..., s:e, :]), scale=scale
-        )
+    buf = rel_h.new_empty(*lead, chunk, k_h, k_w)
+    for s, e in _chunks(n, chunk):
+        mask = _rel_pos_bias(rel_h[..., s:e, :], rel_w[..., s:e, :], buf if e - s == chunk else None)
+        out[..., s:e, :] = F.scaled_dot_product_attention(q[..., s:e, :], k, v, attn_mask=mask, scale=scale)
     return out
 
 
@@ -124,7 +145,11 @@ class _ChunkedRelPosAttention(torch.autograd.Function):
     the chunk's bias as mask. Backward: per query chunk, recompute the
     probabilities and form the gradients with plain GEMMs (flash-attention
     style recomputation, but over whole key rows, so no running softmax is
-    needed); the rel-pos gradients are the row / column sums of dS.
+    needed); the rel-pos gradients are the row / column sums of dS. The two
+    (chunk x N) matrices of a chunk live in two buffers allocated once per call
+    and filled in place (``out=`` GEMMs, in-place softmax), and dK, dV accumulate
+    in place (``baddbmm_``). Low-precision inputs (autocast) are computed in
+    float32 and their gradients returned in their dtype.
     """
 
     @staticmethod
@@ -136,39 +161,46 @@ class _ChunkedRelPosAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, rel_h, rel_w, out = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        dtypes = [t.dtype for t in saved[:5]]
+        acc = torch.promote_types(saved[0].dtype, torch.float32)
+        q, k, v, rel_h, rel_w, out = (t.to(acc) for t in saved)
         scale, chunk = ctx.scale, ctx.chunk
-        n, k_h, k_w = q.shape[-2], rel_h.shape[-1], rel_w.shape[-1]
-        dout = dout.contiguous()
-        acc = torch.promote_types(q.dtype, torch.float32)  # float32 for bf16/fp16 inputs
-        dq = torch.empty_like(q)
-        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-        drel_h = torch.empty_like(rel_h)
-        drel_w = torch.empty_like(rel_w)
-        delta = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)  # rowsum(dP * P) = dO . O
-        kt, vt = k.transpose(-2, -1), v.transpose(-2, -1)
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            qc, doc = q[..., s:e, :], dout[..., s:e, :]
-            logits = torch.matmul(qc, kt).to(acc).mul_(scale)
-            logits += _rel_pos_bias(rel_h[..., s:e, :], rel_w[..., s:e, :]).to(acc)
-            p = logits.softmax(dim=-1)
-            del logits
-            p_lp = p if p.dtype == v.dtype else p.to(v.dtype)
-            dv += torch.matmul(p_lp.transpose(-2, -1), doc).to(acc)
-            del p_lp
-            ds = torch.matmul(doc, vt).to(acc).sub_(delta[..., s:e, :]).mul_(p)  # dS = P * (dP - delta)
-            del p
-            ds4 = ds.unflatten(-1, (k_h, k_w))
-            drel_h[..., s:e, :] = ds4.sum(-1)
-            drel_w[..., s:e, :] = ds4.sum(-2)
-            del ds4
-            ds = ds.to(q.dtype)
-            dq[..., s:e, :] = torch.matmul(ds, k).mul_(scale)
-            dk += torch.matmul(ds.transpose(-2, -1), qc).to(acc)
-            del ds
-        return dq, dk.mul_(scale).to(k.dtype), dv.to(v.dtype), drel_h, drel_w, None, None
+        n, d = q.shape[-2], q.shape[-1]
+        k_h, k_w = rel_h.shape[-1], rel_w.shape[-1]
+        bh = q.numel() // (n * d)  # batch x heads, flattened for the 3-d (b)mm calls
+        qs = (q * scale).reshape(bh, n, d)
+        k3, v3 = k.reshape(bh, -1, d), v.reshape(bh, -1, v.shape[-1])
+        do3 = dout.to(acc).reshape(bh, n, -1)
+        rel_h3, rel_w3 = rel_h.reshape(bh, n, k_h), rel_w.reshape(bh, n, k_w)
+        n_keys = k3.shape[1]
+        dq = torch.empty_like(qs)
+        dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)
+        drel_h, drel_w = torch.empty_like(rel_h3), torch.empty_like(rel_w3)
+        delta = (do3 * out.reshape(bh, n, -1)).sum(-1, keepdim=True)  # rowsum(dP * P) = dO . O
+        kt, vt = k3.transpose(1, 2), v3.transpose(1, 2)
+        probs_buf = q.new_empty(bh, chunk, n_keys)
+        grad_buf = q.new_empty(bh, chunk, n_keys)
+        for s, e in _chunks(n, chunk):
+            full = e - s == chunk
+            qc, doc = qs[:, s:e], do3[:, s:e]
+            p = torch.bmm(qc, kt, out=probs_buf) if full else torch.bmm(qc, kt)
+            p4 = p.view(bh, e - s, k_h, k_w)
+            p4.add_(rel_h3[:, s:e, :, None]).add_(rel_w3[:, s:e, None, :])
+            torch._softmax(p, -1, False, out=p)
+            dv.baddbmm_(p.transpose(1, 2), doc)
+            ds = torch.bmm(doc, vt, out=grad_buf) if full else torch.bmm(doc, vt)
+            ds.sub_(delta[:, s:e]).mul_(p)  # dS = P * (dP - delta)
+            ds4 = ds.view(bh, e - s, k_h, k_w)
+            torch.sum(ds4, -1, out=drel_h[:, s:e])
+            torch.sum(ds4, -2, out=drel_w[:, s:e])
+            torch.bmm(ds, k3, out=dq[:, s:e])
+            dk.baddbmm_(ds.transpose(1, 2), qc)
+        dq.mul_(scale)  # dk: q was pre-scaled, so dS^T (scale q) is already scale dS^T q
+        grads = (dq, dk, dv, drel_h, drel_w)
+        shapes = [t.shape for t in saved[:5]]
+        dq, dk, dv, drel_h, drel_w = (g.reshape(sh).to(dt) for g, sh, dt in zip(grads, shapes, dtypes))
+        return dq, dk, dv, drel_h, drel_w, None, None
 
 
 def attention_rel_pos(
@@ -262,3 +294,47 @@ def attention_rel_pos(
     v_aug = F.pad(v, (0, extra + pad))
     out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=1.0)
     return out[..., :head_dim]
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """Split a token grid into non-overlapping windows, zero-padding if needed.
+
+    Args:
+        x: (B, H, W, C) token grid.
+        window_size: window side length ``ws``.
+    Returns:
+        windows: (B * num_windows, ws, ws, C), windows in row-major order per image.
+        (Hp, Wp): padded grid size (multiples of ``ws``), needed to undo the partition.
+    """
+    B, H, W, C = x.shape
+    pad_h = (window_size - H % window_size) % window_size
+    pad_w = (window_size - W % window_size) % window_size
+    if pad_h > 0 or pad_w > 0:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.view(B, Hp // window_size, window_size, Wp // window_size, window_size, C)
+    windows = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, C)
+    return windows, (Hp, Wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window_size: int, pad_hw: Tuple[int, int], hw: Tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: reassemble windows and drop the padding.
+
+    Args:
+        windows: (B * num_windows, ws, ws, C).
+        window_size: ``ws``.
+        pad_hw: (Hp, Wp) padded grid size returned by :func:`window_partition`.
+        hw: (H, W) original grid size.
+    Returns:
+        (B, H, W, C) token grid.
+    """
+    Hp, Wp = pad_hw
+    H, W = hw
+    B = windows.shape[0] // (Hp * Wp // window_size // window_size)
+    x = windows.view(B, Hp // window_size, Wp // window_size, window_size, window_size, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(B, Hp, Wp, -1)
+    if Hp > H or Wp > W:
+        x = x[:, :H, :W, :].contiguous()
+    return x

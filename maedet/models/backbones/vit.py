@@ -28,7 +28,7 @@ from maedet.models.pos_embed import fit_pos_embed, resize_pos_embed_grid
 from maedet.utils.errors import CheckpointError
 from maedet.utils.registry import BACKBONES
 
-from .attention import ATTN_IMPLS, attention_rel_pos, get_decomposed_rel_pos
+from .attention import ATTN_IMPLS, attention_rel_pos, get_decomposed_rel_pos, window_partition, window_unpartition
 from .base import Backbone
 
 __all__ = [
@@ -42,53 +42,6 @@ __all__ = [
 
 AttnImpl = Literal["sdpa", "sdpa_mask", "explicit"]
 BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
-
-
-# --------------------------------------------------------------------------- windows
-
-
-def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
-    """Split a token grid into non-overlapping windows, zero-padding if needed.
-
-    Args:
-        x: (B, H, W, C) token grid.
-        window_size: window side length ``ws``.
-    Returns:
-        windows: (B * num_windows, ws, ws, C), windows in row-major order per image.
-        (Hp, Wp): padded grid size (multiples of ``ws``), needed to undo the partition.
-    """
-    B, H, W, C = x.shape
-    pad_h = (window_size - H % window_size) % window_size
-    pad_w = (window_size - W % window_size) % window_size
-    if pad_h > 0 or pad_w > 0:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    Hp, Wp = H + pad_h, W + pad_w
-    x = x.view(B, Hp // window_size, window_size, Wp // window_size, window_size, C)
-    windows = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, C)
-    return windows, (Hp, Wp)
-
-
-def window_unpartition(
-    windows: torch.Tensor, window_size: int, pad_hw: Tuple[int, int], hw: Tuple[int, int]
-) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: reassemble windows and drop the padding.
-
-    Args:
-        windows: (B * num_windows, ws, ws, C).
-        window_size: ``ws``.
-        pad_hw: (Hp, Wp) padded grid size returned by :func:`window_partition`.
-        hw: (H, W) original grid size.
-    Returns:
-        (B, H, W, C) token grid.
-    """
-    Hp, Wp = pad_hw
-    H, W = hw
-    B = windows.shape[0] // (Hp * Wp // window_size // window_size)
-    x = windows.view(B, Hp // window_size, Wp // window_size, window_size, window_size, -1)
-    x = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(B, Hp, Wp, -1)
-    if Hp > H or Wp > W:
-        x = x[:, :H, :W, :].contiguous()
-    return x
 
 
 # --------------------------------------------------------------------------- modules
@@ -147,15 +100,24 @@ class Attention(nn.Module):
         Returns:
             (B, H, W, C).
         """
-        B, H, W, C = x.shape
-        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return self.proj(self.attend(self.qkv(x)))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The attention itself, between the two projections.
+
+        Args:
+            qkv: (B, H, W, 3C) output of :attr:`qkv`.
+        Returns:
+            (B, H, W, C), before :attr:`proj`.
+        """
+        B, H, W, C3 = qkv.shape
+        qkv = qkv.reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         rel_h = rel_w = None
         if self.use_rel_pos:
             rel_h, rel_w = get_decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
         x = attention_rel_pos(q, k, v, rel_h, rel_w, (H, W), self.scale, self.attn_impl)
-        x = x.transpose(1, 2).reshape(B, H, W, C)
-        return self.proj(x)
+        return x.transpose(1, 2).reshape(B, H, W, C3 // 3)
 
 
 class Block(nn.Module):
@@ -212,15 +174,33 @@ class Block(nn.Module):
         """x: (B, H, W, C) -> (B, H, W, C)."""
         shortcut = x
         x = self.norm1(x)
-        if self.window_size > 0:
-            H, W = x.shape[1], x.shape[2]
-            x, pad_hw = window_partition(x, self.window_size)
-        x = self.attn(x)
-        if self.window_size > 0:
-            x = window_unpartition(x, self.window_size, pad_hw, (H, W))
+        x = self._window_attention(x) if self.window_size > 0 else self.attn(x)
         x = shortcut + self.drop_path(x)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
+
+    def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention within windows, with the projections on the real tokens only.
+
+        As in detectron2, the grid is padded to whole windows after ``norm1`` and the
+        padding tokens take part in attention; being zeros, their ``qkv`` is the
+        projection's bias. So ``qkv`` is computed on the H x W tokens and padded with
+        its bias, and ``proj`` runs after the padding is cropped: the same numbers,
+        without projecting the 804 padding tokens of a 64 x 64 grid (window 14).
+        """
+        H, W = x.shape[1], x.shape[2]
+        ws = self.window_size
+        qkv = self.attn.qkv(x)
+        pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
+        if pad_h or pad_w:
+            qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
+            bias = self.attn.qkv.bias
+            if bias is not None:
+                qkv[:, H:] = bias.to(qkv.dtype)
+                qkv[:, :H, W:] = bias.to(qkv.dtype)
+        windows, pad_hw = window_partition(qkv, ws)
+        out = self.attn.attend(windows)
+        return self.attn.proj(window_unpartition(out, ws, pad_hw, (H, W)))
 
 
 def get_abs_pos(pos_embed: torch.Tensor, has_cls_token: bool, hw: Tuple[int, int]) -> torch.Tensor:

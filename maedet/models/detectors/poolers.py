@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
+from maedet.models.layers import conv_layout
+
 __all__ = ["MultiLevelRoIAlign", "assign_boxes_to_levels"]
 
 
@@ -78,7 +80,8 @@ class MultiLevelRoIAlign(nn.Module):
         rois = torch.cat([ids, concat], dim=1)
         S = (self.output_size, self.output_size)
         if len(feats) == 1:
-            return roi_align(feats[0], rois, S, self.scales[0], self.sampling_ratio, self.aligned)
+            out = roi_align(feats[0], rois, S, self.scales[0], self.sampling_ratio, self.aligned)
+            return conv_layout(out, self.training)
         levels = assign_boxes_to_levels(
             concat, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
         )
@@ -89,4 +92,4 @@ class MultiLevelRoIAlign(nn.Module):
             if out is None:
                 out = pooled.new_zeros((rois.shape[0], feat.shape[1]) + S)
             out.index_put_((idx,), pooled.to(out.dtype))
-        return out
+        return conv_layout(out, self.training)

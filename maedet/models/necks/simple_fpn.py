@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maedet.models.backbones.base import Backbone
-from maedet.models.layers import ConvNorm2d, ShapeSpec, get_norm
+from maedet.models.layers import ConvNorm2d, ShapeSpec, conv_layout, get_norm
 from maedet.utils.registry import NECKS
 
 __all__ = ["SimpleFeaturePyramid"]
@@ -164,7 +164,7 @@ class SimpleFeaturePyramid(Backbone):
                 f"SimpleFeaturePyramid input {H}x{W} must have sides divisible by {d} "
                 "(the detector pads batches to padding_constraints)"
             )
-        features = self.net(x)[self.in_feature]
+        features = conv_layout(self.net(x)[self.in_feature], self.training)
         results = [stage(features) for stage in self.stages]
         if self.top_block:
             results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
