@@ -179,10 +179,11 @@ class PretrainConfig:
     output_dir: str = "output/mae"
     model: MAEModelConfig = field(default_factory=MAEModelConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # the MAE recipe: AdamW (0.9, 0.95), weight decay 0.05 off 1-d tensors, lr 1.5e-4 x batch / 256
     solver: SolverConfig = field(
         default_factory=lambda: SolverConfig(betas=[0.9, 0.95], weight_decay=0.05, base_lr=1.5e-4, no_decay_1d=True)
     )
-    train: TrainConfig = field(default_factory=TrainConfig)
     vis: VisConfig = field(default_factory=VisConfig)
 
 

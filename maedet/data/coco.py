@@ -279,12 +279,8 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         strict: bool = True,
         load_targets: bool = True,
     ):
-        self.json_file = json_file
-        self.image_root = image_root
-        self.transforms = transforms
-        self.filter_empty = filter_empty
-        self.load_targets = load_targets
-        self.dataset_name = dataset_name
+        self.json_file, self.image_root, self.dataset_name = json_file, image_root, dataset_name
+        self.transforms, self.filter_empty, self.load_targets = transforms, filter_empty, load_targets
         where = json_file if dataset_name is None else f"{json_file} (dataset {dataset_name})"
         self._where = where
         if not os.path.isdir(image_root):

@@ -6,7 +6,7 @@ given iteration is the same for any number of processes or workers and after a
 resume (pass ``start = iteration * global_batch_size``).
 """
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from maedet.data.samplers import InferenceSampler, InfiniteSampler, SeededDataset
 
 __all__ = [
+    "build_train_loader",
     "build_pretrain_loader",
     "build_detection_train_loader",
     "build_detection_test_loader",
@@ -68,7 +69,12 @@ def collate_detection_test(batch: List[Tuple[Any, Dict[str, Any]]]) -> Tuple[Lis
     return [_plain(img) for img, _ in batch], [_plain_target(t) for _, t in batch]
 
 
-def _loader_kwargs(num_workers: int, pin_memory: bool, persistent_workers: bool, prefetch_factor) -> Dict:
+def _loader_kwargs(
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    persistent_workers: bool = True,
+    prefetch_factor: Optional[int] = None,
+) -> Dict[str, Any]:
     kwargs: Dict[str, Any] = dict(num_workers=int(num_workers), pin_memory=bool(pin_memory))
     if num_workers > 0:
         kwargs["persistent_workers"] = bool(persistent_workers)
@@ -77,20 +83,29 @@ def _loader_kwargs(num_workers: int, pin_memory: bool, persistent_workers: bool,
     return kwargs
 
 
-def _infinite_loader(
+def build_train_loader(
     dataset: Dataset,
-    collate_fn,
     batch_size: int,
-    num_workers: int,
-    seed: int,
-    rank: int,
-    world_size: int,
-    start: int,
-    pin_memory: bool,
-    persistent_workers: bool,
-    prefetch_factor: Optional[int],
+    *,
+    collate_fn: Callable,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    start: int = 0,
+    **loader_options: Any,
 ) -> DataLoader:
-    """Endless, seeded, resumable training loader (shared by pretraining and detection)."""
+    """Endless, seeded, resumable training loader (pretraining and detection).
+
+    Args:
+        dataset: the samples; each is produced under its own seed.
+        batch_size: samples per batch on this process.
+        collate_fn: makes a batch of ``[(sample, seed), ...]``.
+        seed: run seed (order and augmentations).
+        rank, world_size: this process among the data-parallel group.
+        start: first global stream position (``iteration * batch_size * world_size``).
+        loader_options: ``num_workers``, ``pin_memory``, ``persistent_workers``,
+            ``prefetch_factor`` of the DataLoader (the last two only with workers).
+    """
     sampler = InfiniteSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size, start=start)
     return torch.utils.data.DataLoader(
         SeededDataset(dataset),
@@ -98,87 +113,27 @@ def _infinite_loader(
         sampler=sampler,
         collate_fn=collate_fn,
         drop_last=True,
-        **_loader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor),
+        **_loader_kwargs(**loader_options),
     )
 
 
-def build_pretrain_loader(
-    dataset: Dataset,
-    batch_size: int,
-    num_workers: int = 0,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    start: int = 0,
-    pin_memory: bool = False,
-    persistent_workers: bool = True,
-    prefetch_factor: Optional[int] = None,
-) -> torch.utils.data.DataLoader:
-    """Endless loader of MAE pretraining batches.
+def build_pretrain_loader(dataset: Dataset, batch_size: int, **options: Any) -> DataLoader:
+    """Endless loader of MAE pretraining batches ``(images float (B, 3, S, S), seeds int64 (B,))``.
 
-    Args:
-        dataset: e.g. :class:`maedet.data.images.ImageFolderDataset` whose transform
-            returns float ``(3, S, S)`` tensors.
-        batch_size: images per batch on this process.
-        num_workers: DataLoader worker processes.
-        seed: run seed (order and augmentations).
-        rank, world_size: this process among the data-parallel group.
-        start: first global stream position (``iteration * batch_size * world_size``).
-        pin_memory, persistent_workers, prefetch_factor: passed to the DataLoader
-            (the last two only when ``num_workers > 0``).
-
-    Yields:
-        ``(images float (B, 3, S, S), seeds int64 (B,))``.
+    ``dataset``: e.g. :class:`maedet.data.images.ImageFolderDataset` whose transform
+    returns float ``(3, S, S)`` tensors; ``options``: see :func:`build_train_loader`.
     """
-    return _infinite_loader(
-        dataset,
-        collate_pretrain,
-        batch_size,
-        num_workers,
-        seed,
-        rank,
-        world_size,
-        start,
-        pin_memory,
-        persistent_workers,
-        prefetch_factor,
-    )
+    return build_train_loader(dataset, batch_size, collate_fn=collate_pretrain, **options)
 
 
-def build_detection_train_loader(
-    dataset: Dataset,
-    batch_size: int,
-    num_workers: int = 0,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    start: int = 0,
-    pin_memory: bool = False,
-    persistent_workers: bool = True,
-    prefetch_factor: Optional[int] = None,
-) -> torch.utils.data.DataLoader:
-    """Endless loader of detection training batches.
+def build_detection_train_loader(dataset: Dataset, batch_size: int, **options: Any) -> DataLoader:
+    """Endless loader of detection training batches ``(images, targets, seeds)``: lists of
+    ``B`` image tensors and target dicts (:func:`collate_detection_train`), int64 ``(B,)`` seeds.
 
-    Args: as :func:`build_pretrain_loader`; ``dataset`` is a
-    :class:`maedet.data.coco.CocoInstanceDataset` with training transforms.
-
-    Yields:
-        ``(images, targets, seeds)``: lists of ``B`` image tensors and target dicts
-        (see :func:`collate_detection_train`) and int64 ``(B,)`` seeds.
+    ``dataset``: a :class:`maedet.data.coco.CocoInstanceDataset` with training
+    transforms; ``options``: see :func:`build_train_loader`.
     """
-    return _infinite_loader(
-        dataset,
-        collate_detection_train,
-        batch_size,
-        num_workers,
-        seed,
-        rank,
-        world_size,
-        start,
-        pin_memory,
-        persistent_workers,
-        prefetch_factor,
-    )
+    return build_train_loader(dataset, batch_size, collate_fn=collate_detection_train, **options)
 
 
 def build_detection_test_loader(

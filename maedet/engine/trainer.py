@@ -189,14 +189,9 @@ class Trainer:
             )
             if ddp.grad_compression != "none":
                 logger.info(f"DDP gradients all-reduced in {ddp.grad_compression} (train.ddp_grad_compression)")
-        self.optimizer = optimizer
-        self.loader_fn = loader_fn
-        self.loss_fn = loss_fn
-        self.schedule = schedule
-        self.peak_lr = lr
-        self.max_iter = max_iter
-        self.samples_per_iter = samples_per_iter
-        self.output_dir = output_dir
+        self.optimizer, self.loader_fn, self.loss_fn = optimizer, loader_fn, loss_fn
+        self.schedule, self.peak_lr, self.max_iter = schedule, lr, max_iter
+        self.samples_per_iter, self.output_dir = samples_per_iter, output_dir
         self.amp = _AMP(amp, device)
         self.accum_steps = max(1, accum_steps)
         self.clip_grad_norm = clip_grad_norm

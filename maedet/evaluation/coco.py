@@ -37,6 +37,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maedet.models.detectors.mask_ops import encode_rle, iter_pasted_masks
+from maedet.utils.arrays import ArrayLike, instance_arrays
 from maedet.utils.distributed import gather_object, get_rank
 from maedet.utils.errors import DatasetError
 from maedet.utils.fileio import atomic_write
@@ -71,14 +72,7 @@ COCO_METRIC_NAMES: Tuple[str, ...] = (
 
 _TASKS = ("bbox", "segm")
 
-ArrayLike = Union[torch.Tensor, np.ndarray, Sequence]
 Size = Tuple[int, int]
-
-
-def _to_numpy(x: ArrayLike) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def _binarize_masks(masks: ArrayLike, threshold: float) -> np.ndarray:
@@ -134,12 +128,8 @@ def instances_to_coco_json(
     Raises:
         DatasetError: a label has no entry in ``label_to_cat_id``.
     """
-    boxes = _to_numpy(boxes_xyxy).astype(np.float64).reshape(-1, 4)
-    scores_np = _to_numpy(scores).astype(np.float64).reshape(-1)
-    labels_np = _to_numpy(labels).astype(np.int64).reshape(-1)
+    boxes, scores_np, labels_np = instance_arrays(boxes_xyxy, scores, labels, where=f"image {image_id}: ")
     n = boxes.shape[0]
-    if scores_np.shape[0] != n or labels_np.shape[0] != n:
-        raise ValueError(f"image {image_id}: {n} boxes but {scores_np.shape[0]} scores and {labels_np.shape[0]} labels")
     if masks is not None:
         masks_np = _binarize_masks(masks, mask_threshold)
         if masks_np.shape[0] != n:

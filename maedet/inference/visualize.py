@@ -13,8 +13,8 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
-import torch
 
+from maedet.utils.arrays import ArrayLike, instance_arrays, to_numpy
 from maedet.utils.errors import MaedetError
 from maedet.utils.fileio import atomic_write
 
@@ -44,20 +44,10 @@ PALETTE: Tuple[Tuple[int, int, int], ...] = (
     (0, 200, 90),
 )
 
-ArrayLike = Union[torch.Tensor, np.ndarray, Sequence]
-
 
 def color_for(index: int) -> Tuple[int, int, int]:
     """The palette color (RGB) for an instance index or a class label."""
     return PALETTE[int(index) % len(PALETTE)]
-
-
-def _to_numpy(x: Optional[ArrayLike]) -> Optional[np.ndarray]:
-    if x is None:
-        return None
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def _class_name(class_names: Union[Sequence[str], Mapping[int, str], None], label: int, label_offset: int) -> str:
@@ -120,19 +110,15 @@ def draw_instances(
     h, w = image.shape[:2]
     out = np.ascontiguousarray(image.copy())
 
-    boxes_np = _to_numpy(boxes).astype(np.float64).reshape(-1, 4)
-    scores_np = _to_numpy(scores).astype(np.float64).reshape(-1)
-    labels_np = _to_numpy(labels).astype(np.int64).reshape(-1)
+    boxes_np, scores_np, labels_np = instance_arrays(boxes, scores, labels)
     n = boxes_np.shape[0]
-    if scores_np.shape[0] != n or labels_np.shape[0] != n:
-        raise ValueError(f"{n} boxes but {scores_np.shape[0]} scores and {labels_np.shape[0]} labels")
     rles = masks if isinstance(masks, (list, tuple)) and all(isinstance(m, Mapping) for m in masks) else None
     masks_np = None
     if rles is not None:
         if len(rles) != n or any(tuple(r["size"]) != (h, w) for r in rles):
             raise ValueError(f"masks: expected {n} RLEs of size ({h}, {w})")
     elif masks is not None:
-        masks_np = _to_numpy(masks)
+        masks_np = to_numpy(masks)
         if masks_np.ndim == 4 and masks_np.shape[1] == 1:
             masks_np = masks_np[:, 0]
         if masks_np.ndim != 3 or masks_np.shape[0] != n or masks_np.shape[1:] != (h, w):
@@ -156,9 +142,8 @@ def draw_instances(
 
     if masks_np is not None or rles is not None:
         for i in order:
-            m = masks_np[i] if rles is None else mask_util.decode(rles[i]).astype(bool)
-            blended = (1.0 - alpha) * out[m].astype(np.float32) + alpha * colors[int(i)]
-            out[m] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+            m = masks_np[i] if rles is None else mask_util.decode(rles[i])
+            _blend(out, m, colors[int(i)], alpha)
 
     thickness = max(1, int(round(min(h, w) / 320)))
     font = cv2.FONT_HERSHEY_SIMPLEX
@@ -191,6 +176,18 @@ def draw_instances(
             fg = (0, 0, 0) if luminance > 140 else (255, 255, 255)
             cv2.putText(out, text, (x1 + 1, top + th + 1), font, font_scale, fg, font_thick, cv2.LINE_AA)
     return out
+
+
+def _blend(out: np.ndarray, mask: np.ndarray, color: np.ndarray, alpha: float, rows: int = 512) -> None:
+    """``out[mask] = (1 - alpha) * out[mask] + alpha * color`` in bands of ``rows`` rows, so the
+    float temporaries stay small however large the picture (a 6000 x 6000 photo)."""
+    for y0 in range(0, out.shape[0], rows):
+        m = mask[y0 : y0 + rows] != 0
+        if not m.any():
+            continue
+        band = out[y0 : y0 + rows]
+        blended = (1.0 - alpha) * band[m].astype(np.float32) + alpha * color
+        band[m] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
 def save_visualization(path: str, image_rgb: np.ndarray) -> None:

@@ -31,29 +31,51 @@ __all__ = ["maedet_key_to_d2", "d2_key_to_maedet", "maedet_det_to_d2", "d2_to_ma
 # detectron2 GeneralizedRCNN buffers persisted by older versions; maedet normalizes in the model.
 D2_DROP = ("pixel_mean", "pixel_std")
 _S = r"(?:(\d+)\.)?"  # optional cascade stage
-_RE = {
-    "rpn_conv": re.compile(r"rpn\.head\.conv\.(\d+)\.0\.(weight|bias)"),
-    "rpn_cls": re.compile(r"rpn\.head\.cls_logits\.(weight|bias)"),
-    "rpn_box": re.compile(r"rpn\.head\.bbox_pred\.(weight|bias)"),
-    "box_conv": re.compile(r"roi_heads\.box_head\." + _S + r"(\d+)\.0\.(weight|bias)"),
-    "box_norm": re.compile(r"roi_heads\.box_head\." + _S + r"(\d+)\.1\.(weight|bias)"),
-    "box_fc": re.compile(r"roi_heads\.box_head\." + _S + r"(\d+)\.(weight|bias)"),
-    "predictor": re.compile(r"roi_heads\.box_predictor\." + _S + r"(cls_score|bbox_pred)\.(weight|bias)"),
-    "mask_conv": re.compile(r"roi_heads\.mask_head\.(\d+)\.0\.(weight|bias)"),
-    "mask_norm": re.compile(r"roi_heads\.mask_head\.(\d+)\.1\.(weight|bias)"),
-    "mask_deconv": re.compile(r"roi_heads\.mask_predictor\.conv5_mask\.(weight|bias)"),
-    "mask_logits": re.compile(r"roi_heads\.mask_predictor\.mask_fcn_logits\.(weight|bias)"),
-    "d2_rpn_conv": re.compile(r"proposal_generator\.rpn_head\.conv\.(?:conv(\d+)\.)?(weight|bias)"),
-    "d2_rpn_cls": re.compile(r"proposal_generator\.rpn_head\.objectness_logits\.(weight|bias)"),
-    "d2_rpn_box": re.compile(r"proposal_generator\.rpn_head\.anchor_deltas\.(weight|bias)"),
-    "d2_box_conv": re.compile(r"roi_heads\.box_head\." + _S + r"conv(\d+)\.(weight|bias)"),
-    "d2_box_norm": re.compile(r"roi_heads\.box_head\." + _S + r"conv(\d+)\.norm\.(weight|bias)"),
-    "d2_box_fc": re.compile(r"roi_heads\.box_head\." + _S + r"fc(\d+)\.(weight|bias)"),
-    "d2_mask_conv": re.compile(r"roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)"),
-    "d2_mask_norm": re.compile(r"roi_heads\.mask_head\.mask_fcn(\d+)\.norm\.(weight|bias)"),
-    "d2_mask_deconv": re.compile(r"roi_heads\.mask_head\.deconv\.(weight|bias)"),
-    "d2_mask_logits": re.compile(r"roi_heads\.mask_head\.predictor\.(weight|bias)"),
+# Each kind of tensor: (maedet key, detectron2 key) patterns; their groups are the
+# cascade stage (when present), the layer index and weight/bias.
+_PATTERNS = {
+    "rpn_conv": (
+        r"rpn\.head\.conv\.(\d+)\.0\.(weight|bias)",
+        r"proposal_generator\.rpn_head\.conv\.(?:conv(\d+)\.)?(weight|bias)",
+    ),
+    "rpn_cls": (
+        r"rpn\.head\.cls_logits\.(weight|bias)",
+        r"proposal_generator\.rpn_head\.objectness_logits\.(weight|bias)",
+    ),
+    "rpn_box": (r"rpn\.head\.bbox_pred\.(weight|bias)", r"proposal_generator\.rpn_head\.anchor_deltas\.(weight|bias)"),
+    "box_conv": (
+        r"roi_heads\.box_head\." + _S + r"(\d+)\.0\.(weight|bias)",
+        r"roi_heads\.box_head\." + _S + r"conv(\d+)\.(weight|bias)",
+    ),
+    "box_norm": (
+        r"roi_heads\.box_head\." + _S + r"(\d+)\.1\.(weight|bias)",
+        r"roi_heads\.box_head\." + _S + r"conv(\d+)\.norm\.(weight|bias)",
+    ),
+    "box_fc": (
+        r"roi_heads\.box_head\." + _S + r"(\d+)\.(weight|bias)",
+        r"roi_heads\.box_head\." + _S + r"fc(\d+)\.(weight|bias)",
+    ),
+    "mask_conv": (
+        r"roi_heads\.mask_head\.(\d+)\.0\.(weight|bias)",
+        r"roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)",
+    ),
+    "mask_norm": (
+        r"roi_heads\.mask_head\.(\d+)\.1\.(weight|bias)",
+        r"roi_heads\.mask_head\.mask_fcn(\d+)\.norm\.(weight|bias)",
+    ),
+    "mask_deconv": (
+        r"roi_heads\.mask_predictor\.conv5_mask\.(weight|bias)",
+        r"roi_heads\.mask_head\.deconv\.(weight|bias)",
+    ),
+    "mask_logits": (
+        r"roi_heads\.mask_predictor\.mask_fcn_logits\.(weight|bias)",
+        r"roi_heads\.mask_head\.predictor\.(weight|bias)",
+    ),
 }
+_RE = {name: re.compile(ours) for name, (ours, _) in _PATTERNS.items()}
+_RE.update({f"d2_{name}": re.compile(theirs) for name, (_, theirs) in _PATTERNS.items()})
+# Same name on both sides (cascade stages included).
+_RE["predictor"] = re.compile(r"roi_heads\.box_predictor\." + _S + r"(cls_score|bbox_pred)\.(weight|bias)")
 _BACKBONE_RE = re.compile(r"backbone\.(net\.|simfp_\d+\.)")
 
 

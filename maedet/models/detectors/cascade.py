@@ -18,7 +18,7 @@ class-agnostic box predictor with weights ``bbox_reg_weights[k]``:
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from maedet.models.layers import ShapeSpec
 from maedet.utils.registry import ROI_HEADS
 
 from .boxes import BoxTransform, clip_boxes, nonempty, pairwise_iou
-from .roi_heads import BoxPredictor, StandardRoIHeads, Target, build_box_head, fast_rcnn_inference
+from .roi_heads import BoxPredictor, Detections, Features, Losses, Sizes, StandardRoIHeads, Target, build_box_head
 
 __all__ = ["CascadeRoIHeads", "scale_gradient"]
 
@@ -141,17 +141,9 @@ class CascadeRoIHeads(StandardRoIHeads):
             gts.append(gt[idx.clamp(min=0)])
         return labels, gts
 
-    def forward(
-        self,
-        features: Dict[str, torch.Tensor],
-        proposals: List[torch.Tensor],
-        image_sizes: List[Tuple[int, int]],
-        targets: Optional[List[Target]] = None,
-    ):
-        if self.training:
-            if targets is None:
-                raise ValueError("RoI heads need targets in training")
-            return self._train_forward(features, proposals, image_sizes, targets)
+    def inference_forward(self, features: Features, proposals: List[torch.Tensor], image_sizes: Sizes) -> Detections:
+        """Every stage refines the boxes; scores are the mean of the stages' probabilities
+        and the boxes the last stage's (detectron2's cascade inference)."""
         boxes = [p.float() for p in proposals]
         n = [len(b) for b in boxes]
         stage_scores = []
@@ -164,26 +156,21 @@ class CascadeRoIHeads(StandardRoIHeads):
             if k < self.num_stages - 1:
                 boxes = refined
         scores = (sum(stage_scores) * (1.0 / self.num_stages)).split(n)
-        results = [
-            fast_rcnn_inference(b, s, size, self.score_thresh, self.nms_thresh, self.detections_per_img)
-            for b, s, size in zip(refined, scores, image_sizes)
-        ]
-        if self.mask_on:
-            self.predict_masks(features, results)
-        return results
+        return self.detections(features, refined, scores, image_sizes)
 
-    def _train_forward(self, features, proposals, image_sizes, targets) -> Dict[str, torch.Tensor]:
+    def train_forward(
+        self, features: Features, proposals: List[torch.Tensor], sizes: Sizes, targets: List[Target]
+    ) -> Losses:
+        """Losses of every stage; stage k > 0 trains on stage k - 1's refined boxes,
+        matched at its own IoU threshold (no sampling), and the mask head on stage 0's RoIs."""
         boxes, labels, matched = self.label_and_sample_proposals(proposals, targets)
         first = (boxes, labels, matched)
-        gts = [
-            t["boxes"].float()[m] if t["boxes"].numel() else torch.zeros(len(m), 4, device=m.device)
-            for t, m in zip(targets, matched)
-        ]
+        gts = self.matched_gt_boxes(targets, matched)
         losses: Dict[str, torch.Tensor] = {}
         refined: List[torch.Tensor] = []
         for k in range(self.num_stages):
             if k > 0:
-                boxes = [clip_boxes(b.detach(), size) for b, size in zip(refined, image_sizes)]
+                boxes = [clip_boxes(b.detach(), size) for b, size in zip(refined, sizes)]
                 boxes = [b[nonempty(b)] for b in boxes]
                 labels, gts = self._match(boxes, targets, k)
             logits, deltas = self._run_stage(features, boxes, k)

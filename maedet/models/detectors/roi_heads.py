@@ -25,7 +25,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import batched_nms, roi_align
 
-from maedet.models.layers import LayerNorm2d, ShapeSpec
+from maedet.models.layers import LayerNorm2d, ShapeSpec, check_fractions, check_positive, shared_channels
 from maedet.utils.registry import ROI_HEADS
 
 from .boxes import BoxTransform, clip_boxes, pairwise_iou
@@ -35,6 +35,10 @@ from .rpn import box_regression_loss
 __all__ = ["BoxPredictor", "StandardRoIHeads", "mask_targets", "fast_rcnn_inference"]
 
 Target = Dict[str, torch.Tensor]
+Features = Dict[str, torch.Tensor]  # pyramid level name -> (B, C, H, W)
+Sizes = List[Tuple[int, int]]  # (h, w) of each image in the batch
+Losses = Dict[str, torch.Tensor]
+Detections = List[Dict[str, torch.Tensor]]
 
 
 class BoxPredictor(nn.Module):
@@ -161,15 +165,14 @@ class StandardRoIHeads(nn.Module):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 (foreground classes), got {num_classes}")
-        if not 0.0 <= score_thresh <= 1.0 or not 0.0 <= nms_thresh <= 1.0:
-            raise ValueError(f"score_thresh and nms_thresh must be in [0, 1], got {score_thresh}, {nms_thresh}")
-        missing = [f for f in in_features if f not in input_shape]
-        if missing:
-            raise ValueError(f"RoI in_features {missing} are not among the neck's outputs {list(input_shape)}")
-        channels = {input_shape[f].channels for f in in_features}
-        if len(channels) != 1:
-            raise ValueError(f"pooled levels must have equal channels, got {sorted(channels)}")
-        self.channels = channels.pop()
+        check_fractions(
+            score_thresh=score_thresh,
+            nms_thresh=nms_thresh,
+            fg_iou_thresh=fg_iou_thresh,
+            positive_fraction=positive_fraction,
+        )
+        check_positive(batch_size_per_image=batch_size_per_image, detections_per_img=detections_per_img)
+        self.channels = shared_channels(input_shape, in_features, "RoI heads")
         self.num_classes = int(num_classes)
         strides = [input_shape[f].stride for f in in_features]
         self.box_pooler = MultiLevelRoIAlign(in_features, strides, box_pooler_resolution, pooler_sampling_ratio)
@@ -300,25 +303,50 @@ class StandardRoIHeads(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("RoI heads need targets in training")
-            boxes, labels, matched = self.label_and_sample_proposals(proposals, targets)
-            logits, deltas = self.box_predictor(self.box_head(self.box_pooler(features, boxes)))
-            gt = torch.cat(
-                [
-                    t["boxes"].float()[m] if t["boxes"].numel() else torch.zeros(len(m), 4, device=m.device)
-                    for t, m in zip(targets, matched)
-                ]
-            )
-            loss_cls, loss_box = self.box_losses(
-                logits, deltas, torch.cat(boxes), torch.cat(labels), gt, self.box_transform
-            )
-            losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
-            if self.mask_on:
-                losses["loss_mask"] = self.mask_losses(features, boxes, labels, matched, targets)
-            return losses
+            return self.train_forward(features, proposals, image_sizes, targets)
+        return self.inference_forward(features, proposals, image_sizes)
+
+    def train_forward(
+        self, features: Features, proposals: List[torch.Tensor], sizes: Sizes, targets: List[Target]
+    ) -> Losses:
+        """The losses (subclasses with other box stages override this and :meth:`inference_forward`)."""
+        boxes, labels, matched = self.label_and_sample_proposals(proposals, targets)
+        logits, deltas = self.box_predictor(self.box_head(self.box_pooler(features, boxes)))
+        gt = torch.cat(self.matched_gt_boxes(targets, matched))
+        loss_cls, loss_box = self.box_losses(
+            logits, deltas, torch.cat(boxes), torch.cat(labels), gt, self.box_transform
+        )
+        losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+        if self.mask_on:
+            losses["loss_mask"] = self.mask_losses(features, boxes, labels, matched, targets)
+        return losses
+
+    def inference_forward(self, features: Features, proposals: List[torch.Tensor], image_sizes: Sizes) -> Detections:
+        """Per-image detections (see :meth:`forward`)."""
         logits, deltas = self.box_predictor(self.box_head(self.box_pooler(features, proposals)))
         n = [len(p) for p in proposals]
         scores = F.softmax(logits.float(), dim=-1).split(n)
         boxes = self.box_transform.apply_deltas(deltas, torch.cat(proposals)).split(n)
+        return self.detections(features, boxes, scores, image_sizes)
+
+    # ------------------------------------------------------------------ shared by subclasses
+    @staticmethod
+    def matched_gt_boxes(targets: List[Target], matched: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Per image, the gt box each sampled RoI was matched to (zeros for an image without gt)."""
+        return [
+            t["boxes"].float()[m] if t["boxes"].numel() else torch.zeros(len(m), 4, device=m.device)
+            for t, m in zip(targets, matched)
+        ]
+
+    def detections(
+        self,
+        features: Dict[str, torch.Tensor],
+        boxes: Sequence[torch.Tensor],
+        scores: Sequence[torch.Tensor],
+        image_sizes: List[Tuple[int, int]],
+    ) -> List[Dict[str, torch.Tensor]]:
+        """Per-image detections from class-specific boxes and probabilities (score
+        threshold, NMS, top-k), with mask probabilities when the head predicts masks."""
         results = [
             fast_rcnn_inference(b, s, size, self.score_thresh, self.nms_thresh, self.detections_per_img)
             for b, s, size in zip(boxes, scores, image_sizes)

@@ -21,7 +21,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import batched_nms
 
-from maedet.models.layers import ShapeSpec
+from maedet.models.layers import ShapeSpec, check_fractions, check_positive, shared_channels
 from maedet.utils.registry import PROPOSAL_GENERATORS
 
 from .anchors import DefaultAnchorGenerator
@@ -80,17 +80,27 @@ class RPN(nn.Module):
         smooth_l1_beta: float = 0.0,
     ):
         super().__init__()
-        missing = [f for f in in_features if f not in input_shape]
-        if missing:
-            raise ValueError(f"RPN in_features {missing} are not among the neck's outputs {list(input_shape)}")
-        channels = {input_shape[f].channels for f in in_features}
-        if len(channels) != 1:
-            raise ValueError(f"RPN levels must have equal channels, got {sorted(channels)}")
+        channels = shared_channels(input_shape, in_features, "RPN")
+        check_fractions(
+            nms_thresh=nms_thresh,
+            fg_iou_thresh=fg_iou_thresh,
+            bg_iou_thresh=bg_iou_thresh,
+            positive_fraction=positive_fraction,
+        )
+        if bg_iou_thresh > fg_iou_thresh:
+            raise ValueError(f"bg_iou_thresh={bg_iou_thresh} must be <= fg_iou_thresh={fg_iou_thresh}")
+        check_positive(
+            pre_nms_topk_train=pre_nms_topk_train,
+            pre_nms_topk_test=pre_nms_topk_test,
+            post_nms_topk_train=post_nms_topk_train,
+            post_nms_topk_test=post_nms_topk_test,
+            batch_size_per_image=batch_size_per_image,
+        )
         self.in_features = list(in_features)
         self.anchor_generator = DefaultAnchorGenerator(
             anchor_sizes, aspect_ratios, [input_shape[f].stride for f in in_features], anchor_offset
         )
-        self.head = RPNHead(channels.pop(), self.anchor_generator.num_anchors_per_location, conv_depth=conv_depth)
+        self.head = RPNHead(channels, self.anchor_generator.num_anchors_per_location, conv_depth=conv_depth)
         self.box_transform = BoxTransform((1.0, 1.0, 1.0, 1.0))
         self.matcher = det_utils.Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
         self.sampler = det_utils.BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
