@@ -11,8 +11,9 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Tuple
 
 import torch
 
@@ -123,6 +124,17 @@ def _find_free_port() -> int:
         return s.getsockname()[1]
 
 
+# Exit code of a worker whose collective failed because another worker died first: the
+# launcher then reports that other worker's error, the cause, rather than this echo of it.
+PEER_FAILED = 3
+_PEER_FAILURE_TEXT = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote process")
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(t in text for t in _PEER_FAILURE_TEXT)
+
+
 def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: Sequence[Any]) -> None:
     os.environ.update(
         {
@@ -134,7 +146,32 @@ def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: Seq
             "LOCAL_WORLD_SIZE": str(world_size),
         }
     )
-    run_tool(functools.partial(fn, *args))
+    try:
+        run_tool(functools.partial(fn, *args))
+    except RuntimeError as e:
+        if not _is_peer_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"[rank {local_rank}] stopped: another process failed ({first[:200]})", file=sys.stderr, flush=True)
+        sys.exit(PEER_FAILED)
+
+
+def _root_cause(ctx, failed_index: int, failed_code: int, wait_s: float = 10.0) -> Tuple[int, int]:
+    """(index, exit code) of the worker whose failure the others echo.
+
+    A worker that exited with :data:`PEER_FAILED` (or raised) only saw another
+    one die; give the others a moment to exit and prefer one with its own code.
+    """
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        codes = [p.exitcode for p in ctx.processes]
+        own = [(i, c) for i, c in enumerate(codes) if c not in (None, 0, PEER_FAILED) and c > 0]
+        if own:
+            return own[0]
+        if all(c is not None for c in codes):
+            break
+        time.sleep(0.05)
+    return failed_index, failed_code
 
 
 def launch(fn: Callable, num_procs: int, args: Sequence[Any] = ()) -> None:
@@ -182,14 +219,19 @@ def launch(fn: Callable, num_procs: int, args: Sequence[Any] = ()) -> None:
             alive = [p.sentinel for p in ctx.processes if p.exitcode is None]
             if alive:
                 multiprocessing.connection.wait(alive)
+            if not stopping and any(p.exitcode == PEER_FAILED for p in ctx.processes):
+                _root_cause(ctx, 0, PEER_FAILED)  # let the worker that failed first exit on its own
             if ctx.join(timeout=0, grace_period=60.0 if stopping else None):
                 break
     except mp.ProcessExitedException as e:
         if stopping and e.exit_code == 143:
             print("stopped by SIGTERM: checkpoint saved; rerun with --resume to continue", file=sys.stderr)
             sys.exit(143)
-        print(f"error: process {e.error_index} exited with code {e.exit_code}; all processes stopped", file=sys.stderr)
-        sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)
+        index, code = (e.error_index, e.exit_code)
+        if code == PEER_FAILED:
+            index, code = _root_cause(ctx, index, code)
+        print(f"error: process {index} exited with code {code}; all processes stopped", file=sys.stderr)
+        sys.exit(code if code and code > 0 else 1)
     except mp.ProcessRaisedException as e:
         print(f"error: a process failed:\n{e}", file=sys.stderr)
         sys.exit(1)

@@ -248,8 +248,11 @@ def run_tool_inprocess(tool: str, argv: Sequence[str], capsys) -> "ToolResult":
     """Run ``tools/TOOL.py ARGV`` in this process through the same top level
     (``run_tool`` / ``launch``) that the command line uses; returns its exit code
     and what it wrote. Much faster than a subprocess (torch is already imported)."""
+    from maedet.utils.logger import setup_logger
+
     mod = _load_tool(tool)
     capsys.readouterr()
+    setup_logger()  # console logging to this test's (captured) streams, not an earlier test's
     code: Optional[int] = None
     old_argv = sys.argv
     sys.argv = [f"tools/{tool}.py", *argv]
@@ -258,14 +261,15 @@ def run_tool_inprocess(tool: str, argv: Sequence[str], capsys) -> "ToolResult":
             if tool in ("train_net", "pretrain"):
                 a = mod.parse_args(list(argv))
                 mod.launch(mod.main, a.num_gpus, (a,))
+            elif tool == "infer":
+                a = mod.parse_args(list(argv))
+                mod.run_tool(lambda: mod.main(a))
             else:
                 mod.run_tool(mod.main)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = old_argv
-        from maedet.utils.logger import setup_logger
-
         setup_logger()  # drop the run's log.txt handler
     captured = capsys.readouterr()
     return ToolResult(code, captured.out, captured.err)

@@ -13,7 +13,7 @@ below any threshold > 0 by construction.
 
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -54,12 +54,22 @@ def paste_mask(
     return sampled >= threshold, (rows, cols)
 
 
-def iter_pasted_masks(
-    masks: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int], threshold: float = 0.5, chunk_size: int = 16
-) -> Iterator[torch.Tensor]:
-    """Yield the pasted masks in chunks of at most ``chunk_size``, each (n, H, W) bool on the CPU.
+# Pixels of full-size masks held at once by iter_pasted_masks: 64 MB of bool (64 masks of a
+# 1024 x 1024 image, 1 of a 6000 x 6000 photo), so memory stays flat in the photo's size.
+PASTE_CHUNK_PIXELS = 1 << 26
 
-    Peak memory: one chunk of full-size bool masks plus one box region.
+
+def iter_pasted_masks(
+    masks: torch.Tensor,
+    boxes: torch.Tensor,
+    image_size: Tuple[int, int],
+    threshold: float = 0.5,
+    chunk_size: Optional[int] = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the pasted masks in chunks, each (n, H, W) bool on the CPU.
+
+    Peak memory: one chunk of full-size bool masks (``chunk_size`` masks, by default
+    as many as fit in :data:`PASTE_CHUNK_PIXELS`, at least one) plus one box region.
 
     Args:
         masks: (N, 1, M, M) or (N, M, M) mask probabilities.
@@ -69,6 +79,8 @@ def iter_pasted_masks(
     if masks.dim() == 4:
         masks = masks[:, 0]
     h, w = int(image_size[0]), int(image_size[1])
+    if chunk_size is None:
+        chunk_size = max(1, PASTE_CHUNK_PIXELS // max(1, h * w))
     for start in range(0, masks.shape[0], chunk_size):
         chunk = torch.zeros((min(chunk_size, masks.shape[0] - start), h, w), dtype=torch.bool)
         for j in range(chunk.shape[0]):
@@ -89,7 +101,7 @@ def paste_masks_in_image(
 
 def encode_rle(masks: torch.Tensor) -> list:
     """COCO compressed RLE (``counts`` as str) of (n, H, W) bool masks."""
-    arr = np.asfortranarray(masks.numpy().transpose(1, 2, 0).astype(np.uint8))
+    arr = np.asfortranarray(masks.numpy().transpose(1, 2, 0), dtype=np.uint8)  # one copy
     rles = mask_util.encode(arr) if arr.shape[2] else []
     for r in rles:
         r["counts"] = r["counts"].decode("utf-8")
