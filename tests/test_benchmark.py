@@ -211,3 +211,70 @@ def test_ddp_allreduce_two_processes(tmp_path):
     assert full["allreduce_mb_per_iter"] == pytest.approx(full["params_m"] * 1e6 * 4 / 2**20)
     for r in res:
         assert r["s_per_iter"] > 0 and len(r["s_per_iter_all"]) == 2 and r["peak_mem_since_wrap_mb"] >= 0
+
+
+# ------------------------------------------------------------------ reference mode
+def test_reference_mode_says_plainly_when_detectron2_is_missing(tool, capsys):
+    from maedet.benchmark import reference
+
+    reason = reference.detectron2_status()
+    if reason is None:
+        pytest.skip("detectron2 is importable here: the reference mode runs (docs/BENCHMARKS.md)")
+    code = tool.main(["--config", DET, "--task", "reference", "--iters", "1", "--warmup", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "detectron2 is not importable" in lines[0] and "pip install" in lines[0]
+
+
+def test_stage_clock_books_exclusive_forward_times_and_backward_segments():
+    import time
+
+    import torch
+
+    from maedet.benchmark.stages import StageClock, backward_stages
+
+    class Inner(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)
+            return x * 2
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            time.sleep(0.03)
+            return self.lin(self.inner(x))
+
+    model = Outer()
+    clock = StageClock()
+    clock.wrap(model, "forward", "outer")
+    clock.wrap(model.inner, "forward", "inner")
+    clock.mark_output(model.inner, "inner.out")
+    clock.mark_output(model.lin, "lin.out")
+    clock.enabled = True
+    x = torch.randn(2, 4, requires_grad=True)
+    y = model(x)
+    y.sum().backward()
+    # exclusive: the outer stage does not count the inner one's 50 ms
+    assert 0.05 <= clock.times["inner"] < 0.2
+    assert 0.03 <= clock.times["outer"] < 0.05 + 0.03
+    assert clock.marks["lin.out"] <= clock.marks["inner.out"]  # backward runs output-first
+    clock.remove()
+    assert "forward" not in vars(model) and "forward" not in vars(model.inner)
+    clock.reset()
+    model(x).sum().backward()  # unwrapped, unmarked: nothing recorded
+    assert not clock.times and not clock.marks
+    # segments between marks (pyramid outputs, ViT output, block inputs)
+    marks = {"pyramid.out.p2": 1.0, "pyramid.out.p3": 1.5, "vit.out": 2.0, "block1.in": 3.0, "block0.in": 3.5}
+    seg = backward_stages(marks, 0.0, 4.0, ["window", "global"])
+    assert seg == {
+        "bwd: RPN + RoI heads + losses": 1.5,
+        "bwd: pyramid": 0.5,
+        "bwd: ViT global blocks": 1.0,
+        "bwd: ViT window blocks": 0.5,
+        "bwd: embedding, preprocess": 0.5,
+    }

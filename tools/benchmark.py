@@ -304,6 +304,40 @@ def run_ddp(args) -> List[Dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- output
+def run_reference(args, cfg: Any, device: torch.device) -> Any:
+    """Timing interleaved in this process; peak memory of each framework and task in a fresh one."""
+    from maedet.benchmark import reference
+
+    amp = resolve_amp(cfg.train.amp, device)
+    if args._child:  # one memory measurement: --memory-of FRAMEWORK:TASK
+        framework, task = args.memory_of.split(":")
+        return {"peak_mem_mb": reference.peak_memory(cfg, framework, task, amp, args.instances)}
+    results = reference.compare(
+        cfg,
+        device,
+        args.iters,
+        args.warmup,
+        stages=args.stages,
+        amp=amp,
+        instances=args.instances,
+        verbose=args.verbose,
+    )
+    if args.no_memory:
+        return results
+    for r in results:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--memory-of", f"{r['framework']}:{r['task']}"]
+        cmd += child_argv(args) + ["--instances", str(args.instances)] + list(args.opts)
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.stderr.write(p.stderr[-3000:])
+            raise SystemExit(f"error: memory measurement of {r['framework']} {r['task']} failed (exit {p.returncode})")
+        r["peak_mem_mb"] = json.loads(p.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+        r["peak_mem_kind"] = "fresh process, 2 runs: peak RSS above the RSS after building the model"
+        if args.verbose:
+            print(f"  memory {r['framework']} {r['task']}: +{r['peak_mem_mb']:.0f} MB", file=sys.stderr, flush=True)
+    return results
+
+
 def print_rows(cols: List[str], rows: List[List[str]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
     print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
@@ -411,6 +445,9 @@ def parse_args(argv=None):
         help="train: skip the automatic act_checkpoint=false,true comparison",
     )
     p.add_argument("--stages", action="store_true", help="reference: also profile each stage of the step")
+    p.add_argument("--instances", type=int, default=2, help="reference: instances in the training image")
+    p.add_argument("--no-memory", action="store_true", help="reference: skip the peak-memory processes")
+    p.add_argument("--memory-of", default="", help=argparse.SUPPRESS)
     p.add_argument("--flops", action="store_true", help="fvcore FLOPs and parameters")
     p.add_argument("--params", action="store_true", help="fvcore parameter counts")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="CUDA: device peak TFLOP/s for MFU")
@@ -450,9 +487,7 @@ def main(argv=None) -> int:
         elif args.task == "ddp":
             results = run_ddp(args)
         elif args.task == "reference":
-            from maedet.benchmark import reference
-
-            results = reference.compare(probe_cfg, device, args.iters, args.warmup, stages=args.stages)
+            results = run_reference(args, probe_cfg, device)
         elif args.isolate and not args._child:
             results = run_isolated(args, variants(args))
         else:
@@ -470,7 +505,18 @@ def main(argv=None) -> int:
         print(json.dumps(results))
         return 0
     meta["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print_table(results, args.task, meta)
+    if args.task == "reference":
+        from maedet.benchmark import reference
+
+        r0 = results[0]
+        print(
+            f"# reference: {args.config} amp={r0['amp']} threads={meta['threads']} load={meta['loadavg']}"
+            f" -> {meta['loadavg_end']}; median of {len(r0['s_per_iter_all'])} interleaved runs; "
+            f"same weights (pyramid max |diff| {r0['pyramid_max_abs_diff']:.1e})"
+        )
+        print("\n".join(reference.format_comparison(results)))
+    else:
+        print_table(results, args.task, meta)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

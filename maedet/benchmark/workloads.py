@@ -38,13 +38,13 @@ def num_classes(cfg: Any) -> int:
     return cfg.model.num_classes or 80
 
 
-def synthetic_detection_batch(batch: int, size: int, classes: int, seed: int = 0):
-    """uint8 images (3, S, S) and targets with 8 box-shaped instances each (reproducible)."""
+def synthetic_detection_batch(batch: int, size: int, classes: int, seed: int = 0, instances: int = 8):
+    """uint8 images (3, S, S) and targets with ``instances`` box-shaped instances each (reproducible)."""
     g = torch.Generator().manual_seed(seed)
     images, targets = [], []
     for _ in range(batch):
         images.append(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g))
-        n = 8
+        n = instances
         xy = torch.rand(n, 2, generator=g) * size * 0.7
         wh = (torch.rand(n, 2, generator=g) * 0.25 + 0.05) * size
         boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1).floor()

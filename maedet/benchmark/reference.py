@@ -1,0 +1,424 @@
+"""maedet against detectron2's ViTDet: the same detector, weights and inputs, timed in one process.
+
+``tools/benchmark.py --task reference`` builds the config's detector in maedet and
+its twin in detectron2 (``common/models/mask_rcnn_vitdet.py`` from detectron2's
+model zoo with the config's sizes written in), copies maedet's random weights into
+detectron2 through the checkpoint converter (the twin must load them with no key
+missing or left over), checks that both compute the same feature pyramid, and then
+interleaves their runs, so that load changes on the machine hit both alike:
+
+- training step: forward (losses) under the same autocast, backward, AdamW step,
+  on the same uint8 images and instances (detectron2 gets them as ``Instances``
+  with bitmasks, the format of its LSJ data mapper);
+- inference: each framework's full path from a test-size image to detections and
+  masks pasted at image resolution (detectron2 ``model.eval()([{"image", "height",
+  "width"}])``; maedet :class:`~maedet.inference.Predictor`).
+
+With ``stages=True`` every timed run also records where the time goes (see
+:class:`maedet.benchmark.stages.StageClock`): the forward split into named stages (exclusive times), and
+the backward split at tensor boundaries (RoI + RPN heads, pyramid, every ViT block).
+
+detectron2 is an optional, benchmark-only dependency; without it :func:`compare`
+raises :class:`ReferenceUnavailable` with the reason and how to get it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import resource
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from maedet.benchmark.stages import POST, StageClock, backward_stages, instrument, stage_order
+from maedet.benchmark.workloads import num_classes, synthetic_detection_batch
+from maedet.builders.model import build_detection_model
+from maedet.checkpoint.formats.detectron2 import maedet_det_to_d2
+from maedet.checkpoint.report import Report
+from maedet.inference.predictor import Predictor
+from maedet.utils.amp import amp_dtype
+from maedet.utils.errors import MaedetError
+from maedet.utils.profiling import PeakRSS, median, rss_bytes
+
+__all__ = [
+    "ReferenceUnavailable",
+    "detectron2_status",
+    "build_detectron2_twin",
+    "compare",
+    "peak_memory",
+    "format_comparison",
+]
+
+D2_MODEL_ZOO_CONFIG = "common/models/mask_rcnn_vitdet.py"
+FRAMEWORKS = ("detectron2", "maedet")
+
+
+class ReferenceUnavailable(MaedetError):
+    """detectron2 cannot be imported (or cannot mirror the config)."""
+
+
+def detectron2_status() -> Optional[str]:
+    """None when detectron2 (with its compiled ops and ViTDet) imports; else why not."""
+    try:
+        import detectron2  # noqa: F401
+        from detectron2 import _C  # noqa: F401
+        from detectron2.modeling import SimpleFeaturePyramid, ViT  # noqa: F401
+    except Exception as e:  # ImportError, or a broken build raising something else
+        return (
+            f"detectron2 is not importable in {sys.executable} ({type(e).__name__}: {e}). The reference "
+            "mode needs detectron2 built from source with ViTDet (it is not a maedet dependency): "
+            "git clone https://github.com/facebookresearch/detectron2 && "
+            "pip install --no-build-isolation -e detectron2, in an environment that also has maedet "
+            "installed (docs/BENCHMARKS.md, 'Against detectron2')"
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------- the twin
+def build_detectron2_twin(cfg: Any, classes: int) -> nn.Module:
+    """detectron2's ViTDet Mask R-CNN with the sizes of maedet config ``cfg``."""
+    from detectron2 import model_zoo
+    from detectron2.config import instantiate
+
+    m = cfg.model
+    b, neck, rpn, heads = m.backbone, m.neck, m.rpn, m.roi_heads
+    if b.name != "vit" or neck.name != "simple_feature_pyramid" or rpn.name != "rpn" or heads.name != "standard":
+        raise ReferenceUnavailable(
+            "the detectron2 reference mirrors ViT + simple_feature_pyramid + rpn + standard RoI heads; "
+            f"this config has {b.name} + {neck.name} + {rpn.name} + {heads.name}"
+        )
+    d2 = model_zoo.get_config(D2_MODEL_ZOO_CONFIG).model
+    net = d2.backbone.net
+    net.img_size, net.patch_size = b.img_size, b.patch_size
+    net.embed_dim, net.depth, net.num_heads = b.embed_dim, b.depth, b.num_heads
+    net.mlp_ratio, net.qkv_bias, net.drop_path_rate = b.mlp_ratio, b.qkv_bias, b.drop_path_rate
+    net.window_size, net.use_rel_pos, net.use_abs_pos = b.window_size, b.use_rel_pos, b.use_abs_pos
+    net.rel_pos_zero_init = b.rel_pos_zero_init
+    net.pretrain_img_size, net.pretrain_use_cls_token = b.pretrain_img_size, b.pretrain_use_cls_token
+    net.window_block_indexes = [i for i in range(b.depth) if i not in set(b.global_blocks)]
+    net.use_act_checkpoint = bool(b.act_checkpoint)
+    d2.backbone.out_channels = neck.out_channels
+    d2.backbone.scale_factors = tuple(neck.scale_factors)
+    d2.backbone.square_pad = neck.square_pad
+    if not neck.top_block:
+        d2.backbone.top_block = None
+    pg = d2.proposal_generator
+    pg.in_features = list(rpn.in_features)
+    pg.head.in_channels = neck.out_channels
+    pg.head.conv_dims = [-1] * rpn.conv_depth
+    pg.anchor_generator.sizes = [[s] for s in rpn.anchor_sizes]
+    pg.anchor_generator.aspect_ratios = list(rpn.aspect_ratios)
+    pg.anchor_generator.offset = rpn.anchor_offset
+    pg.anchor_matcher.thresholds = [rpn.bg_iou_thresh, rpn.fg_iou_thresh]
+    pg.batch_size_per_image, pg.positive_fraction = rpn.batch_size_per_image, rpn.positive_fraction
+    pg.pre_nms_topk = (rpn.pre_nms_topk_train, rpn.pre_nms_topk_test)
+    pg.post_nms_topk = (rpn.post_nms_topk_train, rpn.post_nms_topk_test)
+    pg.nms_thresh, pg.smooth_l1_beta = rpn.nms_thresh, rpn.smooth_l1_beta
+    rh = d2.roi_heads
+    rh.num_classes = classes
+    rh.batch_size_per_image, rh.positive_fraction = heads.batch_size_per_image, heads.positive_fraction
+    rh.proposal_matcher.thresholds = [heads.fg_iou_thresh]
+    rh.box_in_features = rh.mask_in_features = list(heads.in_features)
+    for pooler, res in ((rh.box_pooler, heads.box_pooler_resolution), (rh.mask_pooler, heads.mask_pooler_resolution)):
+        pooler.output_size, pooler.sampling_ratio = res, heads.pooler_sampling_ratio
+    rh.box_head.input_shape.channels = rh.mask_head.input_shape.channels = neck.out_channels
+    rh.box_head.conv_dims, rh.box_head.fc_dims = list(heads.box_head_conv_dims), list(heads.box_head_fc_dims)
+    rh.box_head.conv_norm = rh.mask_head.conv_norm = heads.conv_norm
+    rh.box_predictor.input_shape.channels = (heads.box_head_fc_dims or heads.box_head_conv_dims)[-1]
+    rh.box_predictor.box2box_transform.weights = tuple(heads.bbox_reg_weights)
+    rh.box_predictor.test_score_thresh, rh.box_predictor.test_nms_thresh = heads.score_thresh, heads.nms_thresh
+    rh.box_predictor.test_topk_per_image = heads.detections_per_img
+    rh.box_predictor.smooth_l1_beta = heads.smooth_l1_beta
+    # detectron2's last mask conv dim is the deconvolution's width (maedet: the last conv's).
+    mdims = list(heads.mask_head_conv_dims)
+    rh.mask_head.conv_dims = mdims + mdims[-1:]
+    d2.pixel_mean, d2.pixel_std = list(m.meta_arch.pixel_mean), list(m.meta_arch.pixel_std)
+    if not heads.mask_on:
+        rh.mask_in_features = rh.mask_pooler = rh.mask_head = None
+    return instantiate(d2)
+
+
+def copy_weights_to_twin(model: nn.Module, twin: nn.Module) -> None:
+    """maedet's weights into the detectron2 twin; every key must find its place."""
+    report = Report(source="<maedet model>", action="maedet-det -> d2-vitdet")
+    state, _ = maedet_det_to_d2(model.state_dict(), report)
+    missing, unexpected = twin.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(("pixel_mean", "pixel_std"))]
+    if missing or unexpected or report.unexpected:
+        raise ReferenceUnavailable(
+            "the detectron2 twin does not have maedet's layout: "
+            f"missing {missing[:5]}, unexpected {list(unexpected)[:5] + report.unexpected[:5]}"
+        )
+
+
+@torch.no_grad()
+def pyramid_difference(model: nn.Module, twin: nn.Module, image: torch.Tensor) -> float:
+    """Largest |difference| between the two feature pyramids on ``image`` (eval mode)."""
+    model.eval(), twin.eval()
+    ours = model.backbone(model.preprocess([image])[0])
+    theirs = twin.backbone(twin.preprocess_image([{"image": image}]).tensor)
+    if sorted(ours) != sorted(theirs):
+        raise ReferenceUnavailable(f"pyramid levels differ: {sorted(ours)} vs {sorted(theirs)}")
+    return max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+
+
+# ----------------------------------------------------------------------------- the runs
+class _Side:
+    """One framework: its model, optimizer, inputs and step functions."""
+
+    def __init__(
+        self, name: str, model: nn.Module, train_inputs, infer_fn, dtype, clock: Optional[StageClock], context=None
+    ):
+        self.name, self.model, self.train_inputs, self.infer_fn = name, model, train_inputs, infer_fn
+        self.context = context or contextlib.nullcontext  # e.g. detectron2's EventStorage (its losses log to it)
+        self.dtype, self.clock = dtype, clock
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1)
+        self.kinds = ["window" if blk.window_size > 0 else "global" for blk in model.backbone.net.blocks]
+        self.stage_runs: Dict[str, List[Dict[str, float]]] = {"train": [], "infer": []}
+
+    def _autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=self.dtype)
+
+    def _clock_on(self) -> Optional[StageClock]:
+        if self.clock is not None:
+            self.clock.reset()
+            self.clock.enabled = True
+        return self.clock
+
+    def train_step(self) -> Dict[str, float]:
+        self.model.train()
+        c = self._clock_on()
+        t0 = time.perf_counter()
+        with self.context(), self._autocast():
+            losses = self.model(*self.train_inputs())
+        loss = sum(losses.values())
+        t_fwd = time.perf_counter()
+        loss.backward()
+        t_bwd = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t_end = time.perf_counter()
+        if c is not None:
+            c.enabled = False
+            stages = {f"fwd: {k}": v for k, v in c.times.items()}
+            stages["fwd: total"] = t_fwd - t0
+            stages.update(backward_stages(c.marks, t_fwd, t_bwd, self.kinds))
+            stages["bwd: total"] = t_bwd - t_fwd
+            stages["optimizer (AdamW)"] = t_end - t_bwd
+            self.stage_runs["train"].append(stages)
+        return {k: float(v) for k, v in losses.items()}
+
+    @torch.no_grad()
+    def infer_step(self) -> int:
+        self.model.eval()
+        c = self._clock_on()
+        t0 = time.perf_counter()
+        with self._autocast():
+            n = self.infer_fn()
+        if c is not None:
+            c.enabled = False
+            stages = {f"infer: {k}": v for k, v in c.times.items()}
+            stages["infer: total"] = time.perf_counter() - t0
+            self.stage_runs["infer"].append(stages)
+        return n
+
+
+def _d2_train_inputs(images, targets):
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    batch = []
+    for im, t in zip(images, targets):
+        inst = Instances(tuple(im.shape[-2:]))
+        inst.gt_boxes = Boxes(t["boxes"].float())
+        inst.gt_classes = t["labels"] - 1  # detectron2: 0..K-1 (maedet: 1..K, 0 = background)
+        inst.gt_masks = BitMasks(t["masks"].bool())
+        batch.append({"image": im, "instances": inst})
+    return batch
+
+
+def _build_sides(
+    cfg: Any, amp: str, instances: int, stages: bool, frameworks: Sequence[str] = FRAMEWORKS
+) -> Tuple[List[_Side], Dict[str, Any]]:
+    """The two frameworks on the same weights and inputs (only those in ``frameworks``)."""
+    from detectron2.utils.events import EventStorage
+
+    classes = num_classes(cfg)
+    torch.manual_seed(0)
+    model = build_detection_model(cfg.model, classes, load_pretrained=False)
+    twin = build_detectron2_twin(cfg, classes)
+    copy_weights_to_twin(model, twin)
+    size = cfg.data.train.pipeline.image_size
+    images, targets = synthetic_detection_batch(1, size, classes, instances=instances)
+    info = {"image_size": size, "instances": instances, "amp": amp}
+    if "detectron2" in frameworks and "maedet" in frameworks:
+        info["pyramid_max_abs_diff"] = pyramid_difference(model, twin, images[0])
+    test_size = cfg.data.test.pipeline.max_size
+    info["test_image_size"] = test_size
+    g = torch.Generator().manual_seed(1)
+    test_image = torch.randint(0, 256, (3, test_size, test_size), dtype=torch.uint8, generator=g)
+    predictor = Predictor(model, device="cpu", amp="off")  # autocast comes from the step (same for both)
+
+    def maedet_infer() -> int:
+        return len(predictor([test_image])[0]["scores"])
+
+    def d2_infer() -> int:
+        return len(twin([{"image": test_image, "height": test_size, "width": test_size}])[0]["instances"])
+
+    dtype = amp_dtype(amp, torch.device("cpu"))
+    sides = []
+    if "detectron2" in frameworks:
+        clock = StageClock() if stages else None
+        if clock is not None:
+            instrument(clock, twin, "detectron2")
+        sides.append(
+            _Side(
+                "detectron2",
+                twin,
+                lambda: (_d2_train_inputs(images, targets),),
+                d2_infer,
+                dtype,
+                clock,
+                context=lambda: EventStorage(0),
+            )
+        )
+    else:
+        del twin
+    if "maedet" in frameworks:
+        clock = StageClock() if stages else None
+        if clock is not None:
+            instrument(clock, model, "maedet")
+            clock.wrap(predictor, "_convert", POST)
+        sides.append(_Side("maedet", model, lambda: (images, targets), maedet_infer, dtype, clock))
+    else:
+        del model, predictor
+    gc.collect()
+    return sides, info
+
+
+def _check_available(device: torch.device) -> None:
+    reason = detectron2_status()
+    if reason:
+        raise ReferenceUnavailable(reason)
+    if device.type != "cpu":
+        raise ReferenceUnavailable("the reference mode runs on CPU (stage timing reads the clock unsynchronized)")
+
+
+def compare(
+    cfg: Any,
+    device: torch.device,
+    iters: int,
+    warmup: int,
+    stages: bool = False,
+    amp: str = "off",
+    instances: int = 2,
+    verbose: bool = False,
+) -> List[Dict[str, Any]]:
+    """Interleaved training-step and inference timings of maedet and its detectron2 twin.
+
+    Returns one result dict per (framework, task) with the median wall time and,
+    with ``stages``, the median time of every stage. Memory is measured apart, one
+    framework per fresh process (:func:`peak_memory`): in one process, memory the
+    first framework freed stays mapped and the second reuses it unseen.
+    """
+    _check_available(device)
+    sides, info = _build_sides(cfg, amp, instances, stages)
+    rec = {(s.name, task): {"wall": [], "out": None} for s in sides for task in ("train", "infer")}
+    try:
+        for r in range(warmup + iters):
+            for task in ("train", "infer"):
+                for s in sides:
+                    t0 = time.perf_counter()
+                    out = s.train_step() if task == "train" else s.infer_step()
+                    wall = time.perf_counter() - t0
+                    if verbose:
+                        kind = "warm-up" if r < warmup else "timed"
+                        print(f"  [{kind} {r}] {s.name} {task}: {wall:.2f} s", file=sys.stderr, flush=True)
+                    if r >= warmup:
+                        rec[(s.name, task)]["wall"].append(wall)
+                    else:
+                        s.stage_runs[task].clear()  # warm-up runs are not profiled
+                    rec[(s.name, task)]["out"] = out
+    finally:
+        for s in sides:
+            if s.clock is not None:
+                s.clock.remove()
+    results = []
+    for s in sides:
+        for task in ("train", "infer"):
+            rr = rec[(s.name, task)]
+            entry = {
+                "framework": s.name,
+                "task": task,
+                **info,
+                "s_per_iter": median(rr["wall"]),
+                "s_per_iter_all": rr["wall"],
+                "threads": torch.get_num_threads(),
+            }
+            entry["losses" if task == "train" else "detections"] = rr["out"]
+            runs = s.stage_runs[task]
+            if runs:
+                keys = sorted({k for run in runs for k in run})
+                entry["stages_s"] = {k: median([run.get(k, 0.0) for run in runs]) for k in keys}
+            results.append(entry)
+    return results
+
+
+def peak_memory(cfg: Any, framework: str, task: str, amp: str = "off", instances: int = 2, steps: int = 2) -> float:
+    """MB that ``steps`` runs of ``task`` add to this process's peak RSS (``ru_maxrss``).
+
+    Meant for a fresh process that runs nothing else: the model is built and its
+    weights set first, then the RSS is read, then the steps run (the first training
+    step allocates the optimizer state, as in a real run). The peak is the sampled
+    RSS (every 2 ms), or the kernel's high-water mark when the steps raised it.
+    """
+    _check_available(torch.device("cpu"))
+    if framework not in FRAMEWORKS or task not in ("train", "infer"):
+        raise ValueError(f"framework must be one of {FRAMEWORKS} and task train or infer, got {framework}, {task}")
+    (side,), _ = _build_sides(cfg, amp, instances, stages=False, frameworks=(framework,))
+    gc.collect()
+    before = rss_bytes()
+    max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with PeakRSS() as sampled:
+        for _ in range(steps):
+            side.train_step() if task == "train" else side.infer_step()
+    peak = sampled.peak
+    max_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if max_after > max_before:  # the kernel's exact high-water mark, when the steps set it
+        peak = max(peak, max_after)
+    return (peak - before) / 2**20
+
+
+def format_comparison(results: List[Dict[str, Any]]) -> List[str]:
+    """Markdown lines: time and memory per task, then the stage table when profiled."""
+    by = {(r["framework"], r["task"]): r for r in results}
+    lines = [
+        "| run | detectron2 | maedet | ratio |",
+        "| --- | --- | --- | --- |",
+    ]
+    for task, label in (("train", "training step (s)"), ("infer", "inference (s)")):
+        d, m = by[("detectron2", task)], by[("maedet", task)]
+        lines.append(
+            f"| {label} | {d['s_per_iter']:.2f} | {m['s_per_iter']:.2f} | {m['s_per_iter'] / d['s_per_iter']:.2f}x |"
+        )
+    for task, label in (("train", "peak memory, training (MB)"), ("infer", "peak memory, inference (MB)")):
+        d, m = by[("detectron2", task)], by[("maedet", task)]
+        if "peak_mem_mb" not in d or "peak_mem_mb" not in m:
+            continue
+        ratio = m["peak_mem_mb"] / d["peak_mem_mb"] if d["peak_mem_mb"] > 0 else float("nan")
+        lines.append(f"| {label} | {d['peak_mem_mb']:,.0f} | {m['peak_mem_mb']:,.0f} | {ratio:.2f}x |")
+    for task in ("train", "infer"):
+        d, m = by[("detectron2", task)].get("stages_s"), by[("maedet", task)].get("stages_s")
+        if not d or not m:
+            continue
+        lines += ["", f"| {task} stage (s, median) | detectron2 | maedet | ratio |", "| --- | --- | --- | --- |"]
+        for k in stage_order(set(d) | set(m)):
+            dv, mv = d.get(k, 0.0), m.get(k, 0.0)
+            ratio = f"{mv / dv:.2f}x" if dv > 1e-4 else "-"
+            lines.append(f"| {k} | {dv:.3f} | {mv:.3f} | {ratio} |")
+    return lines
