@@ -123,6 +123,17 @@ def test_train_with_compare_and_act_checkpoint(tool, tmp_path):
         }
 
 
+def test_compare_two_configs_mask_rcnn_and_cascade(tool, tmp_path):
+    cascade = os.path.join(ROOT, "configs", "quickstart", "cascade_mask_rcnn_vit_tiny.yaml")
+    argv = ["--config", DET, "--task", "train", "--batch-size", "1", "--image-size", "64", "--amp", "off"]
+    argv += ["--no-act-checkpoint-variant", "--compare", f"config={DET},{cascade}"] + TINY_DET
+    res = _run(tool, tmp_path, argv)
+    assert [r["variant"] for r in res] == [f"config={DET}", f"config={cascade}"]
+    plain, casc = (set(r["losses"]) for r in res)
+    assert "loss_box_reg" in plain and "loss_box_reg_stage2" in casc and "loss_box_reg" not in casc
+    assert all(r["s_per_iter"] > 0 for r in res)
+
+
 def test_infer_runs_mask_head_on_100_detections(tool, tmp_path):
     res = _run(
         tool,

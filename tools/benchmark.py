@@ -24,6 +24,8 @@ Examples:
       --batch-size 1 --amp off --iters 2 --warmup 1 --compare model.backbone.attn_impl=sdpa,explicit
   python tools/benchmark.py --config configs/coco/mask_rcnn_vit_b_100ep.yaml --task data \\
       --workers 2 data.train.name=coco128
+  python tools/benchmark.py --config configs/coco/mask_rcnn_vit_b_100ep.yaml --task train --batch-size 1 \\
+      --compare config=configs/coco/mask_rcnn_vit_b_100ep.yaml,configs/coco/cascade_mask_rcnn_vit_b_100ep.yaml
 
 Every measurement is the median of --iters timed runs after --warmup untimed ones.
 ``--compare KEY=V1,V2`` (or ``--ab``; may repeat: the variants are the product) builds
@@ -72,14 +74,26 @@ def is_pretrain_config(path: str) -> bool:
 
 
 def load_cfg(args, overrides: Sequence[str]) -> Tuple[Any, str]:
-    """The config of a variant with the benchmark's own overrides (sizes, batch, thresholds) first."""
+    """The config of a variant with the benchmark's own overrides (sizes, batch, thresholds) first.
+
+    A ``config=PATH`` entry among the overrides replaces ``--config`` (so that
+    ``--compare config=A.yaml,B.yaml`` compares two configs, e.g. Mask R-CNN and Cascade).
+    """
+    path = args.config
+    rest = []
+    for o in overrides:
+        if o.startswith("config="):
+            path = o[len("config=") :]
+        else:
+            rest.append(o)
+    overrides = rest
     ov = [f"train.amp={args.amp}"] if args.amp else []
-    if is_pretrain_config(args.config):
+    if is_pretrain_config(path):
         if args.image_size:
             ov += [f"model.img_size={args.image_size}", f"data.input_size={args.image_size}"]
         if args.batch_size:
             ov += ["train.total_batch_size=0", f"train.batch_size={args.batch_size}"]
-        return load_pretrain_config(args.config, ov + list(overrides)), "pretrain"
+        return load_pretrain_config(path, ov + list(overrides)), "pretrain"
     if args.image_size:
         s = args.image_size
         ov += [
@@ -94,7 +108,7 @@ def load_cfg(args, overrides: Sequence[str]) -> Tuple[Any, str]:
     if args.task in ("infer", "reference") and not args.keep_thresholds:
         ov += ["model.roi_heads.score_thresh=0.0", f"model.roi_heads.detections_per_img={args.detections}"]
     splits = ("train",) if args.task == "data" else ()
-    return load_detection_config(args.config, ov + list(overrides), splits=splits), "detection"
+    return load_detection_config(path, ov + list(overrides), splits=splits), "detection"
 
 
 def variants(args) -> List[List[str]]:
