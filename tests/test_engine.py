@@ -107,6 +107,28 @@ def test_amp_modes(monkeypatch):
         amp.resolve_amp("bf16", gpu)
 
 
+def test_cpu_bf16_without_native_support_warns_once(monkeypatch, caplog):
+    import maedet.utils.amp as amp
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(amp, "_warned_cpu_bf16", False)
+    monkeypatch.setattr(amp, "_cpu_bf16_native", lambda: True)
+    with caplog.at_level("WARNING", logger="maedet"):
+        assert amp.resolve_amp("bf16", cpu, key="test.amp") == "bf16"
+    assert not caplog.records  # native bf16: nothing to say
+    monkeypatch.setattr(amp, "_cpu_bf16_native", lambda: False)
+    with caplog.at_level("WARNING", logger="maedet"):
+        for _ in range(3):
+            assert amp.resolve_amp("bf16", cpu, key="test.amp") == "bf16"
+        assert amp.resolve_amp("off", cpu) == "off" and amp.resolve_amp("auto", cpu) == "off"
+    msgs = [r.getMessage() for r in caplog.records]
+    assert (
+        len(msgs) == 1
+        and msgs[0].startswith("test.amp=bf16 on a CPU without native bf16")
+        and "test.amp=off" in msgs[0]
+    )
+
+
 def test_atomic_save_failure_keeps_previous(tmp_path, monkeypatch):
     path = str(tmp_path / "ck.pth")
     atomic_save({"a": torch.ones(3)}, path)

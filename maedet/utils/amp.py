@@ -6,8 +6,9 @@ Modes (``train.amp`` in configs, ``--amp`` of the tools):
   loss scaling on older GPUs, full precision on CPU. bf16 on CPU pays only
   where the CPU has native bf16 arithmetic (AVX512-BF16 / AMX): the MAE ViT-B
   step ran 1.8x faster with it on such a CPU (docs/BENCHMARKS.md), while CPUs
-  without it emulate bf16; so on CPU it is asked for with ``bf16``, not
-  chosen silently;
+  without it emulate bf16 (convolutions up to ~100x slower than fp32; a
+  warning says so); so on CPU it is asked for with ``bf16``, not chosen
+  silently;
 - ``bf16``: bf16 autocast (CPU or a GPU with bf16 support);
 - ``fp16``: fp16 autocast with a gradient scaler (meant for GPUs; torch runs
   it on CPU too);
@@ -15,6 +16,7 @@ Modes (``train.amp`` in configs, ``--amp`` of the tools):
 """
 
 import contextlib
+import logging
 from typing import Optional
 
 import torch
@@ -31,6 +33,30 @@ _DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _cuda_bf16_supported(device: torch.device) -> bool:
     major, _ = torch.cuda.get_device_capability(device)
     return major >= 8
+
+
+def _cpu_bf16_native() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 / AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+_warned_cpu_bf16 = False
+
+
+def _warn_cpu_bf16(key: str) -> None:
+    # Measured on a 2-core AVX2 CPU (docs/BENCHMARKS.md): one 3x3 convolution, 256
+    # channels on 128 x 128, 1 thread: 0.44 s in fp32, 81.6 s in bf16.
+    global _warned_cpu_bf16
+    if _warned_cpu_bf16:
+        return
+    _warned_cpu_bf16 = True
+    logging.getLogger("maedet").warning(
+        "%s=bf16 on a CPU without native bf16 (%s, no AVX512-BF16/AMX): bf16 convolutions "
+        "fall back to a slow reference kernel, up to ~100x slower than fp32; use %s=off here",
+        key,
+        torch.backends.cpu.get_cpu_capability(),
+        key,
+    )
 
 
 def resolve_amp(mode: Optional[str], device: torch.device, key: str = "train.amp") -> str:
@@ -51,6 +77,8 @@ def resolve_amp(mode: Optional[str], device: torch.device, key: str = "train.amp
     if mode == "bf16" and on_cuda and not _cuda_bf16_supported(device):
         name = torch.cuda.get_device_name(device)
         raise ConfigError(f"{key}=bf16: {name} has no bf16 support (compute capability < 8.0); use fp16 or auto")
+    if mode == "bf16" and device.type == "cpu" and not _cpu_bf16_native():
+        _warn_cpu_bf16(key)
     return mode
 
 
