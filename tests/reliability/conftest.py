@@ -237,6 +237,19 @@ def error_lines(stderr: str) -> List[str]:
 
 
 # ------------------------------------------------------------ tools in-process
+
+
+def assert_one_error(r, *needles) -> str:
+    """Exit code 2, exactly one ``error:`` line holding every needle, no traceback; the line."""
+    assert r.returncode == 2, f"exit {r.returncode}\n{r.stderr[-3000:]}"
+    errors = error_lines(r.stderr)
+    assert len(errors) == 1, r.stderr[-3000:]
+    for n in needles:
+        assert str(n) in errors[0], f"{n!r} not in {errors[0]!r}"
+    assert "Traceback" not in r.stderr
+    return errors[0]
+
+
 def _load_tool(name: str):
     spec = importlib.util.spec_from_file_location(f"_maedet_tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)

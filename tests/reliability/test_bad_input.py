@@ -19,24 +19,13 @@ import torch
 
 from .conftest import (
     assert_nothing_half_written,
-    error_lines,
+    assert_one_error,
     load,
     run_tool,
     run_tool_inprocess,
     write_det_config,
     write_pretrain_config,
 )
-
-
-def _assert_one_error(r, *needles):
-    assert r.returncode == 2, f"exit {r.returncode}\n{r.stderr[-3000:]}"
-    errors = error_lines(r.stderr)
-    assert len(errors) == 1, r.stderr[-3000:]
-    for n in needles:
-        assert str(n) in errors[0], f"{n!r} not in {errors[0]!r}"
-    assert "Traceback" not in r.stderr
-    return errors[0]
-
 
 # --------------------------------------------------------------------- configs
 CONFIG_CASES = {
@@ -66,7 +55,7 @@ def test_bad_config(tmp_path, toy, capsys, case):
         (tmp_path / name).write_text(text)
     cfg = tmp_path / ("c.yaml" if files else "base.yaml")
     r = run_tool_inprocess("pretrain", ["--config", str(cfg), "solver.max_iter=2", *overrides], capsys)
-    _assert_one_error(r, *needles)
+    assert_one_error(r, *needles)
     assert_nothing_half_written(tmp_path / "out")
 
 
@@ -84,7 +73,7 @@ def test_bad_config(tmp_path, toy, capsys, case):
 def test_bad_config_value_checked_late(tmp_path, toy, capsys, override, needle):
     cfg = write_det_config(tmp_path / "det.yaml", tmp_path / "out", toy)
     r = run_tool_inprocess("train_net", ["--config", cfg, override], capsys)
-    _assert_one_error(r, needle)
+    assert_one_error(r, needle)
 
 
 # ------------------------------------------------------------ images (MAE data)
@@ -123,7 +112,7 @@ def test_bad_image_in_pretraining(tmp_path, toy, capsys, case):
         ["--config", cfg, "solver.max_iter=2", "train.checkpoint_period=1", "data.on_bad_image=fail"],
         capsys,
     )
-    _assert_one_error(r, "corrupt image", str(root / name))
+    assert_one_error(r, "corrupt image", str(root / name))
     assert_nothing_half_written(tmp_path / "out")
 
 
@@ -136,7 +125,7 @@ def test_bad_image_folder(tmp_path, capsys, case):
         (root / "readme.txt").write_text("nothing here")
     cfg = write_pretrain_config(tmp_path / "c.yaml", tmp_path / "out", str(root))
     r = run_tool_inprocess("pretrain", ["--config", cfg], capsys)
-    _assert_one_error(r, str(root), "not found" if case == "missing" else "no images")
+    assert_one_error(r, str(root), "not found" if case == "missing" else "no images")
     assert_nothing_half_written(tmp_path / "out")
 
 
@@ -187,7 +176,7 @@ def test_bad_annotation_json(tmp_path, toy, capsys, case):
     bad.write_text(make(data))
     cfg = write_det_config(tmp_path / "det.yaml", tmp_path / "out", toy, train_json=str(bad))
     r = run_tool_inprocess("train_net", ["--config", cfg], capsys)
-    _assert_one_error(r, str(bad), *needles)
+    assert_one_error(r, str(bad), *needles)
     assert_nothing_half_written(tmp_path / "out")
 
 
@@ -211,7 +200,7 @@ def test_bad_annotation_json_subprocess(tmp_path, toy):
     bad.write_text('{"images": [}')
     cfg = write_det_config(tmp_path / "det.yaml", tmp_path / "out", toy, train_json=str(bad))
     r = run_tool(["tools/train_net.py", "--config", cfg])
-    _assert_one_error(r, str(bad), "not a valid JSON file")
+    assert_one_error(r, str(bad), "not a valid JSON file")
     assert_nothing_half_written(tmp_path / "out")
 
 
@@ -302,7 +291,7 @@ def test_bad_checkpoint(tmp_path, toy, checkpoints, capsys, case):
     if key == "model.weights":
         argv.append("--eval-only")
     r = run_tool_inprocess("train_net", argv, capsys)
-    _assert_one_error(r, checkpoints[which], *needles)
+    assert_one_error(r, checkpoints[which], *needles)
     assert_nothing_half_written(tmp_path / "out")
 
 
@@ -335,7 +324,7 @@ def test_resume_from_bad_last_checkpoint(tmp_path, toy, checkpoints, capsys, cas
     (out / "last_checkpoint").write_text("model_0000004.pth\n")
     cfg = write_pretrain_config(tmp_path / "c.yaml", out, toy["train_images"])
     r = run_tool_inprocess("pretrain", ["--config", cfg, "--resume"], capsys)
-    _assert_one_error(r, "model_0000004.pth")
+    assert_one_error(r, "model_0000004.pth")
     assert not os.path.exists(out / "encoder_final.pth")
 
 
@@ -350,7 +339,7 @@ def test_output_dir_not_writable(tmp_path, toy, capsys, tool):
     else:
         cfg = write_det_config(tmp_path / "c.yaml", out, toy)
     r = run_tool_inprocess(tool, ["--config", cfg], capsys)
-    _assert_one_error(r, str(out), "not writable")
+    assert_one_error(r, str(out), "not writable")
     assert blocker.read_text() == "a file where a folder is expected"
 
 
@@ -376,7 +365,7 @@ def test_disk_full_during_checkpoint_write_in_training(tmp_path, toy, capsys, mo
     cfg = write_pretrain_config(tmp_path / "c.yaml", out, toy["train_images"])
     _enospc_on_call(monkeypatch, 2)  # model_0000003.pth succeeds, model_0000006.pth fails
     r = run_tool_inprocess("pretrain", ["--config", cfg], capsys)
-    _assert_one_error(r, "cannot write checkpoint", str(out / "model_0000006.pth"), "No space left on device")
+    assert_one_error(r, "cannot write checkpoint", str(out / "model_0000006.pth"), "No space left on device")
     monkeypatch.undo()
     assert (out / "last_checkpoint").read_text().strip() == "model_0000003.pth"
     assert load(out / "model_0000003.pth")["iter"] == 3

@@ -20,7 +20,7 @@ from tests.conftest import require_data
 from .conftest import (
     REPO,
     assert_nothing_half_written,
-    error_lines,
+    assert_one_error,
     run_tool,
     run_tool_inprocess,
     write_det_config,
@@ -29,16 +29,6 @@ from .conftest import (
 EXIF_ORIENTATION = 0x0112
 # A two-iteration run of the tiny config (its lr steps at 12 otherwise fall outside it).
 SHORT = ["solver.max_iter=2", "solver.steps=[1]", "solver.warmup_iters=1"]
-
-
-def _one_error(r, *needles):
-    assert r.returncode == 2, f"exit {r.returncode}\n{r.stderr[-3000:]}"
-    errors = error_lines(r.stderr)
-    assert len(errors) == 1, r.stderr[-3000:]
-    for n in needles:
-        assert str(n) in errors[0], f"{n!r} not in {errors[0]!r}"
-    assert "Traceback" not in r.stderr
-    return errors[0]
 
 
 def _logs(out_dir) -> str:
@@ -190,7 +180,7 @@ def test_bad_image_stops_the_run_before_the_first_iteration(tmp_path, toy, capsy
     paths = {f"{split}_json": toy[f"{split}_json"], f"{split}_images": str(root)}
     cfg = write_det_config(tmp_path / "det.yaml", tmp_path / "out", toy, **paths)
     r = run_tool_inprocess("train_net", ["--config", cfg], capsys)
-    _one_error(r, str(bad), "truncated", "data.on_bad_image=skip")
+    assert_one_error(r, str(bad), "truncated", "data.on_bad_image=skip")
     assert not os.path.exists(tmp_path / "out" / "metrics.jsonl") or not open(tmp_path / "out" / "metrics.jsonl").read()
     assert_nothing_half_written(tmp_path / "out")
     # the error also reaches the log a person reads after a cluster job died
@@ -205,7 +195,7 @@ def test_bad_images_listed_together_or_skipped_and_counted(tmp_path, toy, capsys
     cv2.imwrite(str(resized), np.zeros((48, 64, 3), np.uint8))  # the json says 64 x 64
     cfg = write_det_config(tmp_path / "det.yaml", tmp_path / "out", toy, train_images=str(root))
     r = run_tool_inprocess("train_net", ["--config", cfg], capsys)
-    line = _one_error(r, "2 of 8 train images", str(truncated), str(resized), "size mismatch")
+    line = assert_one_error(r, "2 of 8 train images", str(truncated), str(resized), "size mismatch")
     assert "64x48" in line
     r = run_tool_inprocess("train_net", ["--config", cfg, "data.on_bad_image=skip", *SHORT], capsys)
     assert r.returncode in (0, None), r.stderr[-3000:]
@@ -223,7 +213,7 @@ def test_model_final_is_written_before_the_final_evaluation(tmp_path, toy, capsy
     cfg = write_det_config(tmp_path / "det.yaml", tmp_path / "out", toy, val_images=str(root))
     # the image check is off, so the bad test image is found only by the final evaluation
     r = run_tool_inprocess("train_net", ["--config", cfg, "data.check_images=false", *SHORT], capsys)
-    _one_error(r, str(bad))
+    assert_one_error(r, str(bad))
     state = torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)
     assert "model" in state and state["meta"]["class_names"]
     assert not (tmp_path / "out" / "coco_instances_results.json").exists()
@@ -251,7 +241,7 @@ def test_checkpoint_stores_classes_and_eval_refuses_other_ones(tmp_path, toy, tr
     args = ["--config", trained["config"], "--eval-only", f"model.weights={trained['weights']}"]
     args += [f"data.test.json={other_json}", f"output_dir={tmp_path / 'out'}"]
     r = run_tool_inprocess("train_net", args, capsys)
-    line = _one_error(r, trained["weights"], other_json, "date", "test.class_mismatch=by_position")
+    line = assert_one_error(r, trained["weights"], other_json, "date", "test.class_mismatch=by_position")
     for name in meta["class_names"]:
         assert name in line
     assert not (tmp_path / "out" / "coco_instances_results.json").exists()
@@ -288,7 +278,7 @@ def test_annotations_that_cannot_be_right(tmp_path, toy, capsys, case, edit, nee
     bad = _write_json(data, tmp_path / "bad.json")
     cfg = write_det_config(tmp_path / "det.yaml", tmp_path / "out", toy, train_json=bad)
     r = run_tool_inprocess("train_net", ["--config", cfg], capsys)
-    _one_error(r, bad, *needles, *[str(i) for i in ids], "strict=False")
+    assert_one_error(r, bad, *needles, *[str(i) for i in ids], "strict=False")
     assert_nothing_half_written(tmp_path / "out")
     r = run_tool_inprocess("train_net", ["--config", cfg, "data.train.strict=false", *SHORT], capsys)
     assert r.returncode in (0, None), r.stderr[-3000:]
@@ -344,7 +334,7 @@ def test_values_out_of_range_fail_at_start(tmp_path, toy, trained, capsys, tool,
             f"output_dir={tmp_path / 'out'}",
         ]
     r = run_tool_inprocess(tool, base + args, capsys)
-    line = _one_error(r, *needles)
+    line = assert_one_error(r, *needles)
     assert "range" in line or "must be" in line or "expected" in line
     assert_nothing_half_written(tmp_path / "out")
 
@@ -429,6 +419,6 @@ def test_fatal_error_reaches_log_txt_as_a_subprocess(tmp_path, toy):
     bad = _write_json(data, tmp_path / "bad.json")
     cfg = write_det_config(tmp_path / "det.yaml", tmp_path / "out", toy, train_json=bad)
     r = run_tool([os.path.join("tools", "train_net.py"), "--config", cfg])
-    line = _one_error(r, bad, "category_id 77")
+    line = assert_one_error(r, bad, "category_id 77")
     log = (tmp_path / "out" / "log.txt").read_text()
     assert line in log
