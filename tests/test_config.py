@@ -113,3 +113,27 @@ def test_shipped_configs_hold_the_recipes(name, schema):
     else:
         assert cfg.train.total_batch_size == 64 and cfg.solver.lr == 1e-4 and cfg.solver.weight_decay == 0.1
         assert cfg.solver.warmup_iters == 250 and cfg.data.train.pipeline.image_size == 1024
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "detection"])
+def test_total_batch_size_means_the_global_batch_in_both_trainers(kind, monkeypatch):
+    import maedet.builders.trainer as trainer_builder
+    from maedet.builders import load_detection_config, load_pretrain_config
+
+    def load(overrides):
+        if kind == "pretrain":
+            return load_pretrain_config(os.path.join(REPO, "configs", "quickstart", "mae_tiny.yaml"), overrides)
+        path = os.path.join(REPO, "configs", "quickstart", "mask_rcnn_vit_tiny.yaml")
+        return load_detection_config(path, overrides, splits=())
+
+    for world, accum, expect in ((1, 1, 16), (2, 1, 8), (4, 2, 2), (8, 2, 1)):
+        monkeypatch.setattr(trainer_builder.du, "get_world_size", lambda w=world: w)
+        cfg = load(["train.total_batch_size=16", f"train.accum_steps={accum}", "train.batch_size=5"])
+        assert trainer_builder.per_process_batch(cfg.train) == expect
+        # total_batch_size=0: train.batch_size per process, whatever the world size
+        cfg = load(["train.total_batch_size=0", f"train.accum_steps={accum}", "train.batch_size=5"])
+        assert trainer_builder.per_process_batch(cfg.train) == 5
+    monkeypatch.setattr(trainer_builder.du, "get_world_size", lambda: 3)
+    cfg = load(["train.total_batch_size=16", "train.accum_steps=1"])
+    with pytest.raises(ConfigError, match=r"train.total_batch_size=16 is not divisible by 3 processes x 1"):
+        trainer_builder.per_process_batch(cfg.train)
