@@ -74,6 +74,11 @@ def golden(tmp_path_factory):
     }
 
 
+# Proposals that may differ from detectron2's: those tied (to 1e-7) with the 1000th
+# one kept, whose order among themselves is float noise (README of the golden data).
+MAX_TIED_PROPOSALS = 1
+
+
 def match_one_to_one(boxes, classes, ref_boxes, ref_classes, min_iou):
     """Greedy one-to-one matching of same-class boxes, best IoU first: list of (ours, theirs)."""
     iou = pairwise_iou(boxes, ref_boxes)
@@ -129,11 +134,17 @@ def test_every_stage_matches_detectron2_fp32(golden):
             ours = set(flat.topk(1000).indices.tolist())
             theirs = set(top["index"].tolist())
             assert len(ours ^ theirs) <= 20, f"p{lv + 2}: {len(ours ^ theirs)} of 1000 top anchors differ"
-        # proposals, as sets (the logits are nearly flat: ranks may swap)
+        # proposals, as sets (the logits are nearly flat: ranks may swap). Only boxes
+        # tied with the last one kept may differ: which of two boxes with the same logit
+        # (to 1e-7) takes the 1000th place is float noise (features differ by ~5e-6).
         proposals, logits, _ = rpn(feats, sizes)
         iou = pairwise_iou(proposals[0], o["proposals"])
         assert proposals[0].shape == (1000, 4)
-        assert (iou.max(1).values >= 0.999).all() and (iou.max(0).values >= 0.999).all()
+        ours_apart, theirs_apart = iou.max(1).values < 0.999, iou.max(0).values < 0.999
+        assert int(ours_apart.sum()) == int(theirs_apart.sum()) <= MAX_TIED_PROPOSALS
+        cut = o["proposal_logits"].min()
+        assert (logits[0][ours_apart] - cut).abs().le(1e-5).all()
+        assert (o["proposal_logits"][theirs_apart] - cut).abs().le(1e-5).all()
         # box head on detectron2's proposals (background moved from last to first)
         logits, box_deltas = model.roi_heads.box_predictor(
             model.roi_heads.box_head(model.roi_heads.box_pooler(feats, [o["proposals"]]))
@@ -144,7 +155,8 @@ def test_every_stage_matches_detectron2_fp32(golden):
         det = model([resized], output_sizes=[(426, 640)])[0]
     assert det["boxes"].shape == (100, 4)
     pairs = match_one_to_one(det["boxes"], det["labels"] - 1, o["det_boxes"], o["det_classes"], 0.999)
-    assert len(pairs) == 100
+    # a proposal tied at the cut (above) changes at most its own detection
+    assert len(pairs) >= 100 - int(ours_apart.sum()), len(pairs)
     for i, j in pairs:
         assert abs(float(det["scores"][i]) - float(o["det_scores"][j])) < 1e-4
         assert (det["mask_probs"][i] - o["det_mask_probs_28"][j]).abs().max() < 1e-3
@@ -161,7 +173,10 @@ def _assert_same_as_detectron2(out, o, masks_rle=None, ref_masks=None):
     boxes = torch.from_numpy(out["boxes"])
     labels = torch.from_numpy(out["labels"]) - 1
     pairs = match_one_to_one(boxes, labels, o["det_boxes"], o["det_classes"], 0.999)
-    assert len(pairs) == len(o["det_scores"]) == len(out["scores"]) == 100
+    assert len(o["det_scores"]) == len(out["scores"]) == 100
+    # 100 one-to-one, or 99 when the proposal tied at the 1000th place is another box
+    # with the same logit (test_every_stage_matches_detectron2_fp32)
+    assert len(pairs) >= 100 - MAX_TIED_PROPOSALS, len(pairs)
     for i, j in pairs:
         assert abs(float(out["scores"][i]) - float(o["det_scores"][j])) < 1e-4
         if ref_masks is not None:

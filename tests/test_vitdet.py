@@ -186,13 +186,20 @@ def _reference_rel_pos_attention(attn: Attention, x: torch.Tensor) -> torch.Tens
     return attn.proj(out)
 
 
-@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("tiling", ["one tile", "query chunks", "head groups"])
 @pytest.mark.parametrize("grid", [(4, 4), (6, 5)])  # (6, 5): rel-pos tables interpolated
-def test_attention_impls_agree_forward_and_backward(grid, chunked, monkeypatch):
-    if chunked:  # CPU sdpa path over query chunks of 7 rows (the last one shorter)
-        import maedet.models.backbones.attention as attention
+def test_attention_impls_agree_forward_and_backward(grid, tiling, monkeypatch):
+    import maedet.models.backbones.attention as attention
 
-        monkeypatch.setattr(attention, "_CPU_CHUNK_ELEMENTS", 2 * 3 * grid[0] * grid[1] * 7)
+    n = grid[0] * grid[1]
+    tile = {
+        "one tile": 4 * 2 * 3 * n * n,  # batch 2 x 3 heads in one tile
+        "query chunks": 7 * n,  # 7 queries of one head per tile, the last chunk shorter
+        "head groups": 4 * 4 * n * n,  # 4 whole heads per tile, the last group shorter
+    }[tiling]
+    monkeypatch.setattr(attention, "_CPU_TILE_ELEMENTS", tile)
+    tiles = attention._tiles(2 * 3, n, n)
+    assert len(tiles) == {"one tile": 1, "query chunks": 6 * -(-n // 7), "head groups": 2}[tiling]
     torch.manual_seed(0)
     base = Attention(24, 3, use_rel_pos=True, rel_pos_zero_init=False, input_size=(4, 4)).double()
     x0 = torch.randn(2, *grid, 24, dtype=torch.float64)
@@ -206,8 +213,11 @@ def test_attention_impls_agree_forward_and_backward(grid, chunked, monkeypatch):
         (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
         grads = [x.grad] + [p.grad for p in attn.parameters()]
         results[impl] = (y.detach(), grads)
+        if impl == "sdpa":  # inference: the forward without autograd
+            with torch.no_grad():
+                results["sdpa, no grad"] = (attn(x0), grads)
     ref_y, ref_g = results["reference"]
-    for impl in ("sdpa", "sdpa_mask", "explicit"):
+    for impl in ("sdpa", "sdpa, no grad", "sdpa_mask", "explicit"):
         y, g = results[impl]
         torch.testing.assert_close(y, ref_y, rtol=1e-9, atol=1e-10, msg=f"{impl} forward")
         for a, b in zip(g, ref_g):

@@ -3,13 +3,14 @@
 ``attention_rel_pos`` computes ``softmax(scale * q k^T + bias) v`` where the bias of
 query (i, j) and key (k, l) is ``rel_h[(i, j), k] + rel_w[(i, j), l]`` (MViTv2 /
 detectron2's ViTDet), with three implementations that agree to float precision:
-``sdpa`` (default; never keeps a tokens x tokens matrix), ``sdpa_mask`` and
+``sdpa`` (default; never keeps a tokens x tokens matrix: fused SDPA on CUDA, tiled
+GEMMs on CPU), ``sdpa_mask`` and
 ``explicit`` (the reference). See :func:`attention_rel_pos` for how each works.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -90,117 +91,131 @@ def get_decomposed_rel_pos(
     return rel_h.reshape(*lead, q_h * q_w, k_h), rel_w.reshape(*lead, q_h * q_w, k_w)
 
 
-# Elements of one (queries x keys) score block per chunk of the CPU path
-# (fp32: 16 MB); the query chunk is sized so that batch x heads x chunk x N fits.
-# Kept under glibc's largest mmap threshold (32 MB): larger blocks are mmap'ed
-# and unmapped on every allocation, and the page faults of re-mapping them cost
-# more system time than the attention arithmetic (a ViT-B global block at 1024,
-# forward + backward on 2 cores: 2^26 elements 2.9 s wall with 1.8 s of system
-# time, 2^22 2.1 s with none; docs/BENCHMARKS.md).
-_CPU_CHUNK_ELEMENTS = 1 << 22
+# Elements of one score tile of the CPU path (fp32: 8 MB). A global block's scores
+# (heads x N x N: 12 x 4096 x 4096 for ViT-B at 1024) are never materialized: each
+# head's queries are taken in chunks of ``tile // N`` rows, so that the GEMMs of a
+# tile are single large matrix products (512 x 4096 scores for ViT-B; batched over
+# 12 heads of 85 rows each they ran at 2/3 of the speed). Small attention problems
+# (windows: 196 x 196 per head) go by groups of whole heads of a quarter tile, which
+# stay in cache between the passes over a tile. Tiles are also kept under glibc's
+# mmap threshold (32 MB): larger blocks are mapped and unmapped on every allocation
+# and their page faults cost more than the arithmetic (docs/BENCHMARKS.md).
+_CPU_TILE_ELEMENTS = 1 << 21
 
 
-def _rel_pos_bias(rel_h: torch.Tensor, rel_w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(..., n, k_h) + (..., n, k_w) -> (..., n, k_h * k_w) additive bias (row-major keys).
+def _tiles(rows: int, n: int, n_keys: int) -> List[Tuple[int, int, int, int]]:
+    """(row start, row end, query start, query end) of each tile of a (rows x n x n_keys) score tensor.
 
-    ``out``: a (..., n, k_h, k_w) buffer to write into (reused across chunks, see
-    :func:`_chunked_sdpa_forward`)."""
-    if out is None:
-        return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
-    return torch.add(rel_h[..., :, None], rel_w[..., None, :], out=out).flatten(-2)
-
-
-def _query_chunk(q: torch.Tensor, n_keys: int) -> int:
-    rows = max(1, q.numel() // max(1, q.shape[-2] * q.shape[-1]))  # batch x heads
-    return max(1, min(q.shape[-2], _CPU_CHUNK_ELEMENTS // (rows * n_keys)))
-
-
-def _chunks(n: int, chunk: int):
-    """(start, end) of each query chunk; the last one may be shorter."""
-    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-
-
-def _chunked_sdpa_forward(q, k, v, rel_h, rel_w, scale: float, chunk: int) -> torch.Tensor:
-    """SDPA over query chunks with the chunk's (chunk x N) bias as ``attn_mask`` (no grad).
-
-    The bias is written into one buffer reused by every chunk: a fresh 16 MB tensor
-    per chunk is a fresh ``mmap`` whose page faults cost as much as filling it.
+    ``rows`` is batch x heads. When one row's scores exceed a tile, a tile is one
+    row and a chunk of its queries (the last chunk may be shorter); otherwise a tile
+    is a group of whole rows of at most a quarter tile.
     """
-    n = q.shape[-2]
-    lead, k_h, k_w = rel_h.shape[:-2], rel_h.shape[-1], rel_w.shape[-1]
-    if chunk >= n:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=_rel_pos_bias(rel_h, rel_w), scale=scale)
-    out = torch.empty_like(q)
-    buf = rel_h.new_empty(*lead, chunk, k_h, k_w)
-    for s, e in _chunks(n, chunk):
-        mask = _rel_pos_bias(rel_h[..., s:e, :], rel_w[..., s:e, :], buf if e - s == chunk else None)
-        out[..., s:e, :] = F.scaled_dot_product_attention(q[..., s:e, :], k, v, attn_mask=mask, scale=scale)
-    return out
+    if n * n_keys * 4 <= _CPU_TILE_ELEMENTS:
+        g = max(1, _CPU_TILE_ELEMENTS // (4 * n * n_keys))
+        return [(r, min(r + g, rows), 0, n) for r in range(0, rows, g)]
+    c = max(1, _CPU_TILE_ELEMENTS // n_keys)
+    return [(r, r + 1, s, min(s + c, n)) for r in range(rows) for s in range(0, n, c)]
 
 
-class _ChunkedRelPosAttention(torch.autograd.Function):
+def _tile_buffer(ref: torch.Tensor, tiles, n_keys: int) -> torch.Tensor:
+    """One flat buffer that holds the largest tile (allocated once per call, filled in place)."""
+    return ref.new_empty(max((r1 - r0) * (e - s) for r0, r1, s, e in tiles) * n_keys)
+
+
+def _biased_scores(buf, q, kt, rel_h, rel_w, scale, r0, r1, s, e) -> torch.Tensor:
+    """``scale q k^T + rel_h[..., :, None] + rel_w[..., None, :]`` of one tile, written into ``buf``."""
+    g, c, n_keys = r1 - r0, e - s, kt.shape[-1]
+    k_h, k_w = rel_h.shape[-1], rel_w.shape[-1]
+    p = buf[: g * c * n_keys].view(g, c, n_keys)
+    torch.add(rel_h[r0:r1, s:e, :, None], rel_w[r0:r1, s:e, None, :], out=p.view(g, c, k_h, k_w))
+    return p.baddbmm_(q[r0:r1, s:e], kt[r0:r1], alpha=scale)
+
+
+def _tiled_forward(q, k, v, rel_h, rel_w, scale: float, want_lse: bool):
+    """``softmax(scale q k^T + bias) v`` tile by tile on (rows, N, d) tensors.
+
+    Each tile's probabilities are ``exp(s - max)`` left unnormalized: the row sums
+    divide the (tile x d) output instead of the (tile x N) probabilities (one pass
+    less over the tile). With ``want_lse`` the log-sum-exp of every score row is
+    returned too, from which backward recomputes the probabilities in one pass.
+    """
+    rows, n, _ = q.shape
+    n_keys = k.shape[1]
+    tiles = _tiles(rows, n, n_keys)
+    buf = _tile_buffer(q, tiles, n_keys)
+    out = q.new_empty(rows, n, v.shape[-1])
+    lse = q.new_empty(rows, n, 1) if want_lse else None
+    kt = k.transpose(1, 2)
+    for r0, r1, s, e in tiles:
+        p = _biased_scores(buf, q, kt, rel_h, rel_w, scale, r0, r1, s, e)
+        row_max = p.amax(-1, keepdim=True)
+        p.sub_(row_max).exp_()
+        row_sum = p.sum(-1, keepdim=True)
+        o = out[r0:r1, s:e]
+        torch.bmm(p, v[r0:r1], out=o)
+        o.div_(row_sum)
+        if want_lse:
+            lse[r0:r1, s:e] = row_max + row_sum.log()
+    return out, lse
+
+
+def _as_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., N, d) -> (rows, N, d) in ``dtype``."""
+    return t.to(dtype).reshape(-1, t.shape[-2], t.shape[-1])
+
+
+class _TiledRelPosAttention(torch.autograd.Function):
     """``softmax(scale q k^T + bias) v`` that keeps no (N x N) tensor for backward.
 
-    Forward: SDPA (CPU flash kernel, head size unchanged) over query chunks with
-    the chunk's bias as mask. Backward: per query chunk, recompute the
-    probabilities and form the gradients with plain GEMMs (flash-attention
-    style recomputation, but over whole key rows, so no running softmax is
-    needed); the rel-pos gradients are the row / column sums of dS. The two
-    (chunk x N) matrices of a chunk live in two buffers allocated once per call
-    and filled in place (``out=`` GEMMs, in-place softmax), and dK, dV accumulate
-    in place (``baddbmm_``). Low-precision inputs (autocast) are computed in
-    float32 and their gradients returned in their dtype.
+    Forward: :func:`_tiled_forward`, keeping the row log-sum-exp. Backward, tile by
+    tile: the probabilities are recomputed as ``exp(scale q k^T + rel_h - lse +
+    rel_w)`` (the log-sum-exp folded into the row term of the bias), then dV += P^T dO,
+    dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK += dS^T Q, and the rel-pos
+    gradients are the row / column sums of dS. Everything runs in float32 at least
+    (bf16 autocast inputs too), and the gradients come back in the inputs' dtypes.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, rel_h, rel_w, scale, chunk):
-        out = _chunked_sdpa_forward(q, k, v, rel_h, rel_w, scale, chunk)
-        ctx.save_for_backward(q, k, v, rel_h, rel_w, out)
-        ctx.scale, ctx.chunk = scale, chunk
-        return out
+    def forward(ctx, q, k, v, rel_h, rel_w, scale):
+        acc = torch.promote_types(q.dtype, torch.float32)
+        q3, k3, v3, rh3, rw3 = (_as_rows(t, acc) for t in (q, k, v, rel_h, rel_w))
+        out, lse = _tiled_forward(q3, k3, v3, rh3, rw3, scale, want_lse=True)
+        ctx.save_for_backward(q, k, v, rel_h, rel_w, out, lse)
+        ctx.scale = scale
+        return out.view(*q.shape[:-1], v.shape[-1]).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        saved = ctx.saved_tensors
-        dtypes = [t.dtype for t in saved[:5]]
-        acc = torch.promote_types(saved[0].dtype, torch.float32)
-        q, k, v, rel_h, rel_w, out = (t.to(acc) for t in saved)
-        scale, chunk = ctx.scale, ctx.chunk
-        n, d = q.shape[-2], q.shape[-1]
-        k_h, k_w = rel_h.shape[-1], rel_w.shape[-1]
-        bh = q.numel() // (n * d)  # batch x heads, flattened for the 3-d (b)mm calls
-        qs = (q * scale).reshape(bh, n, d)
-        k3, v3 = k.reshape(bh, -1, d), v.reshape(bh, -1, v.shape[-1])
-        do3 = dout.to(acc).reshape(bh, n, -1)
-        rel_h3, rel_w3 = rel_h.reshape(bh, n, k_h), rel_w.reshape(bh, n, k_w)
+        q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
+        scale, acc = ctx.scale, out.dtype
+        q3, k3, v3, rh3, rw3, do3 = (_as_rows(t, acc) for t in (q, k, v, rel_h, rel_w, dout))
+        rows, n, _ = q3.shape
         n_keys = k3.shape[1]
-        dq = torch.empty_like(qs)
-        dk, dv = torch.zeros_like(k3), torch.zeros_like(v3)
-        drel_h, drel_w = torch.empty_like(rel_h3), torch.empty_like(rel_w3)
-        delta = (do3 * out.reshape(bh, n, -1)).sum(-1, keepdim=True)  # rowsum(dP * P) = dO . O
+        k_h, k_w = rh3.shape[-1], rw3.shape[-1]
+        delta = (do3 * out).sum(-1, keepdim=True)  # rowsum(dP * P) = dO . O
+        rh_lse = rh3 - lse
+        dq, dk, dv = torch.empty_like(q3), torch.zeros_like(k3), torch.zeros_like(v3)
+        drel_h, drel_w = torch.empty_like(rh3), torch.empty_like(rw3)
         kt, vt = k3.transpose(1, 2), v3.transpose(1, 2)
-        probs_buf = q.new_empty(bh, chunk, n_keys)
-        grad_buf = q.new_empty(bh, chunk, n_keys)
-        for s, e in _chunks(n, chunk):
-            full = e - s == chunk
-            qc, doc = qs[:, s:e], do3[:, s:e]
-            p = torch.bmm(qc, kt, out=probs_buf) if full else torch.bmm(qc, kt)
-            p4 = p.view(bh, e - s, k_h, k_w)
-            p4.add_(rel_h3[:, s:e, :, None]).add_(rel_w3[:, s:e, None, :])
-            torch._softmax(p, -1, False, out=p)
-            dv.baddbmm_(p.transpose(1, 2), doc)
-            ds = torch.bmm(doc, vt, out=grad_buf) if full else torch.bmm(doc, vt)
-            ds.sub_(delta[:, s:e]).mul_(p)  # dS = P * (dP - delta)
-            ds4 = ds.view(bh, e - s, k_h, k_w)
-            torch.sum(ds4, -1, out=drel_h[:, s:e])
-            torch.sum(ds4, -2, out=drel_w[:, s:e])
-            torch.bmm(ds, k3, out=dq[:, s:e])
-            dk.baddbmm_(ds.transpose(1, 2), qc)
-        dq.mul_(scale)  # dk: q was pre-scaled, so dS^T (scale q) is already scale dS^T q
+        tiles = _tiles(rows, n, n_keys)
+        probs_buf, grad_buf = _tile_buffer(q3, tiles, n_keys), _tile_buffer(q3, tiles, n_keys)
+        for r0, r1, s, e in tiles:
+            g, c = r1 - r0, e - s
+            p = _biased_scores(probs_buf, q3, kt, rh_lse, rw3, scale, r0, r1, s, e).exp_()
+            doc = do3[r0:r1, s:e]
+            dv[r0:r1].baddbmm_(p.transpose(1, 2), doc)
+            ds = grad_buf[: g * c * n_keys].view(g, c, n_keys)
+            torch.bmm(doc, vt[r0:r1], out=ds)
+            ds.sub_(delta[r0:r1, s:e]).mul_(p)
+            ds4 = ds.view(g, c, k_h, k_w)
+            torch.sum(ds4, -1, out=drel_h[r0:r1, s:e])
+            torch.sum(ds4, -2, out=drel_w[r0:r1, s:e])
+            torch.bmm(ds, k3[r0:r1], out=dq[r0:r1, s:e])
+            dk[r0:r1].baddbmm_(ds.transpose(1, 2), q3[r0:r1, s:e])
+        dq.mul_(scale)
+        dk.mul_(scale)
         grads = (dq, dk, dv, drel_h, drel_w)
-        shapes = [t.shape for t in saved[:5]]
-        dq, dk, dv, drel_h, drel_w = (g.reshape(sh).to(dt) for g, sh, dt in zip(grads, shapes, dtypes))
-        return dq, dk, dv, drel_h, drel_w, None, None
+        return tuple(g.view(t.shape).to(t.dtype) for g, t in zip(grads, (q, k, v, rel_h, rel_w))) + (None,)
 
 
 def attention_rel_pos(
@@ -231,14 +246,16 @@ def attention_rel_pos(
         ``scale=1`` and the padding is dropped from the output.
       * CPU: folding grows the head size from ``head_dim`` to
         ``head_dim + k_h + k_w`` (64 -> 192 for a ViT-B global block at 1024),
-        which triples the work of the CPU flash kernel and made the folded path
-        slower than the explicit one (docs/BENCHMARKS.md). Instead, SDPA runs
-        over chunks of queries with the chunk's (chunk x N) bias as
-        ``attn_mask`` (the CPU flash kernel accepts a mask, head size stays
-        ``head_dim``); with autograd, a custom function keeps only q, k, v,
-        the per-axis terms and the output, and recomputes each chunk's
-        probabilities in backward (the rel-pos gradients are row / column sums
-        of dS). Temporary memory is bounded by ``_CPU_CHUNK_ELEMENTS``.
+        which triples the GEMM work (docs/BENCHMARKS.md). Instead, the scores
+        are computed tile by tile (:func:`_tiles`: chunks of one head's queries,
+        or groups of small heads) into one buffer, the bias added in place, and
+        each tile's softmax and weighted sum done before the next; neither the
+        CPU flash kernel (4x slower than a plain GEMM with an additive mask) nor
+        the (N x N) tensor is used. With autograd, a custom function keeps only
+        q, k, v, the per-axis terms, the output and the row log-sum-exp, and
+        recomputes each tile's probabilities in backward (the rel-pos gradients
+        are row / column sums of dS). Temporary memory is bounded by
+        ``_CPU_TILE_ELEMENTS``.
     - ``"sdpa_mask"``: the bias is expanded to (N x N) and passed as ``attn_mask``.
     - ``"explicit"``: scores, softmax and weighted sum written out (reference).
 
@@ -269,11 +286,12 @@ def attention_rel_pos(
 
     k_h, k_w = k_size
     if q.device.type == "cpu":
-        rel_h, rel_w = rel_h.to(q.dtype), rel_w.to(q.dtype)
-        chunk = _query_chunk(q, k.shape[-2])
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_h, rel_w)):
-            return _ChunkedRelPosAttention.apply(q, k, v, rel_h, rel_w, float(scale), chunk)
-        return _chunked_sdpa_forward(q, k, v, rel_h, rel_w, scale, chunk)
+            return _TiledRelPosAttention.apply(q, k, v, rel_h, rel_w, float(scale))
+        acc = torch.promote_types(q.dtype, torch.float32)
+        rows = [_as_rows(t, acc) for t in (q, k, v, rel_h, rel_w)]
+        out, _ = _tiled_forward(*rows, float(scale), want_lse=False)
+        return out.view(*q.shape[:-1], v.shape[-1]).to(q.dtype)
 
     # impl == "sdpa" off the CPU: fold the bias into q and k.
     head_dim = q.shape[-1]
