@@ -1,10 +1,12 @@
-"""LayerNorm2d: same values and gradients as torch's layer norm over channels, in any layout."""
+"""LayerNorm2d: same values and gradients as torch's layer norm over channels, in any layout;
+pointwise_convs: the same as the 1 x 1 convolutions it replaces."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from maedet.models.layers import LayerNorm2d
+from maedet.models.layers import LayerNorm2d, pointwise_convs
 
 
 def _reference(x, w, b, eps=1e-6):
@@ -58,3 +60,31 @@ def test_bf16_input_is_normalized_in_float32():
     torch.testing.assert_close(y, _reference(x.float(), ln.weight, ln.bias), atol=1e-5, rtol=1e-5)
     y.sum().backward()
     assert x.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nchw batch 2", "channels_last"])
+def test_pointwise_convs_equal_the_convolutions(layout):
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(16, 3, 1), nn.Conv2d(16, 12, 1), nn.Conv2d(16, 5, 1, bias=False)]
+    for c in convs:
+        nn.init.normal_(c.weight)
+    x0 = torch.randn(2 if "2" in layout else 1, 16, 7, 9, dtype=torch.float64)
+    if layout == "channels_last":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    grads = []
+    for fused in (False, True):
+        for c in convs:
+            c.double().zero_grad()
+        x = x0.clone().requires_grad_(True)
+        outs = pointwise_convs(x, convs) if fused else [c(x) for c in convs]
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outs).backward()
+        grads.append((outs, x.grad, [p.grad for c in convs for p in c.parameters()]))
+    (ref, ref_dx, ref_dp), (got, dx, dp) = grads
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(dx, ref_dx)
+    for a, b in zip(dp, ref_dp):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="1 x 1"):
+        pointwise_convs(x0, [nn.Conv2d(16, 3, 3)])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -14,6 +14,7 @@ __all__ = [
     "ConvNorm2d",
     "get_norm",
     "conv_layout",
+    "pointwise_convs",
     "shared_channels",
     "check_fractions",
     "check_positive",
@@ -131,6 +132,35 @@ def conv_layout(x: torch.Tensor, training: bool) -> torch.Tensor:
     if not training and x.device.type == "cpu" and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x.contiguous()
+
+
+def pointwise_convs(x: torch.Tensor, convs: Sequence[nn.Conv2d]) -> List[torch.Tensor]:
+    """Several 1 x 1 convolutions of one input, as one matrix product.
+
+    The same numbers as ``[c(x) for c in convs]`` up to float rounding, but the input
+    is read once and, in training, its gradient is one product instead of a sum of
+    one per convolution. On a CPU the 1 x 1 convolution is also slower than the
+    plain product: the RPN's two predictors on a 256 x 256 x 256 map, forward and
+    backward, 0.42 s as convolutions, 0.11 s as one product (docs/BENCHMARKS.md).
+    Works on NCHW and channels-last inputs; the outputs are channel slices of one
+    tensor in the input's layout.
+    """
+    for c in convs:
+        if c.kernel_size != (1, 1) or c.stride != (1, 1) or c.padding != (0, 0) or c.groups != 1:
+            raise ValueError(f"pointwise_convs takes plain 1 x 1 convolutions, got {c}")
+    B, C, H, W = x.shape
+    weight = torch.cat([c.weight.reshape(c.out_channels, C) for c in convs])
+    biases = [c.bias if c.bias is not None else c.weight.new_zeros(c.out_channels) for c in convs]
+    bias = torch.cat(biases).to(x.dtype)
+    weight = weight.to(x.dtype)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = torch.addmm(bias, x.permute(0, 2, 3, 1).reshape(B * H * W, C), weight.t())
+        y = y.view(B, H, W, -1).permute(0, 3, 1, 2)
+    elif B == 1:
+        y = torch.addmm(bias[:, None], weight, x.reshape(C, H * W)).view(1, -1, H, W)
+    else:
+        y = (torch.matmul(weight, x.reshape(B, C, H * W)) + bias[:, None]).view(B, -1, H, W)
+    return list(y.split([c.out_channels for c in convs], dim=1))
 
 
 def get_norm(norm: str, channels: int) -> Optional[nn.Module]:

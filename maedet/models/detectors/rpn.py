@@ -21,7 +21,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import batched_nms
 
-from maedet.models.layers import ShapeSpec, check_fractions, check_positive, shared_channels
+from maedet.models.layers import ShapeSpec, check_fractions, check_positive, pointwise_convs, shared_channels
 from maedet.utils.registry import PROPOSAL_GENERATORS
 
 from .anchors import DefaultAnchorGenerator
@@ -36,6 +36,19 @@ def box_regression_loss(pred: torch.Tensor, target: torch.Tensor, beta: float) -
     if beta < 1e-5:
         return F.l1_loss(pred, target, reduction="sum")
     return F.smooth_l1_loss(pred, target, beta=beta, reduction="sum")
+
+
+class _RPNHead(RPNHead):
+    """torchvision's ``RPNHead`` (same modules, parameter names and numbers) with its
+    two 1 x 1 predictors run as one matrix product (:func:`pointwise_convs`)."""
+
+    def forward(self, x: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        logits, deltas = [], []
+        for feature in x:
+            o, d = pointwise_convs(self.conv(feature), (self.cls_logits, self.bbox_pred))
+            logits.append(o)
+            deltas.append(d)
+        return logits, deltas
 
 
 @PROPOSAL_GENERATORS.register("rpn")
@@ -100,7 +113,7 @@ class RPN(nn.Module):
         self.anchor_generator = DefaultAnchorGenerator(
             anchor_sizes, aspect_ratios, [input_shape[f].stride for f in in_features], anchor_offset
         )
-        self.head = RPNHead(channels, self.anchor_generator.num_anchors_per_location, conv_depth=conv_depth)
+        self.head = _RPNHead(channels, self.anchor_generator.num_anchors_per_location, conv_depth=conv_depth)
         self.box_transform = BoxTransform((1.0, 1.0, 1.0, 1.0))
         self.matcher = det_utils.Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
         self.sampler = det_utils.BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
