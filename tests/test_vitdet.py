@@ -98,6 +98,40 @@ def test_window_partition_round_trip_with_padding():
     torch.testing.assert_close(window_unpartition(windows, 4, pad_hw, (10, 13)), x)
 
 
+@pytest.mark.parametrize("window", [None, 4, 5])  # None: the whole grid; 4: padding on both axes
+def test_qkv_to_heads_and_back_match_partition_and_permute(window):
+    """One-copy layouts = F.pad with the bias + window_partition + reshape/permute; grads by gradcheck."""
+    from maedet.models.backbones.token_layout import heads_to_grid, qkv_to_heads
+
+    torch.manual_seed(0)
+    heads, hd, H, W = 2, 3, 7, 10
+    qkv = torch.randn(2, H, W, 3 * heads * hd, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3 * heads * hd, dtype=torch.float64, requires_grad=True)
+    got = qkv_to_heads(qkv, heads, window, bias if window else None)
+    ws = window or 0
+    if window:
+        padded = qkv + 0
+        pad_h, pad_w = (-H) % ws, (-W) % ws
+        padded = torch.cat([padded, bias.expand(2, H, pad_w, -1)], 2)
+        padded = torch.cat([padded, bias.expand(2, pad_h, W + pad_w, -1)], 1)
+        windows, pad_hw = window_partition(padded, ws)
+        assert pad_hw == (H + pad_h, W + pad_w)
+    else:
+        windows = qkv
+    n = windows.shape[1] * windows.shape[2]
+    ref = windows.reshape(-1, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    assert got.shape == ref.shape and got.is_contiguous()
+    torch.testing.assert_close(got, ref)
+    out = torch.randn(got.shape[1:], dtype=torch.float64, requires_grad=True)
+    back = heads_to_grid(out, (H, W), window)
+    flat = out.permute(0, 2, 1, 3).reshape(out.shape[0], *((ws, ws) if window else (H, W)), -1)
+    ref_back = window_unpartition(flat, ws, pad_hw, (H, W)) if window else flat
+    torch.testing.assert_close(back, ref_back)
+    args = (qkv, bias) if window else (qkv,)
+    assert torch.autograd.gradcheck(lambda *a: qkv_to_heads(a[0], heads, window, a[1] if window else None), args)
+    assert torch.autograd.gradcheck(lambda o: heads_to_grid(o, (H, W), window), (out,))
+
+
 def test_window_covering_whole_grid_equals_global_attention():
     torch.manual_seed(0)
     glob = Block(32, 2, use_rel_pos=True, rel_pos_zero_init=False, window_size=0, input_size=(6, 6))
@@ -134,13 +168,15 @@ def test_window_block_same_as_padding_before_the_projections(qkv_bias):
 
     x = torch.randn(2, 7, 10, 32)
     g = torch.randn(2, 7, 10, 32)
-    got = blk(x.clone().requires_grad_(True))
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got = blk(x1)
     (got * g).sum().backward()
     grads = {n: p.grad.clone() for n, p in blk.named_parameters()}
     blk.zero_grad()
-    ref = reference(x)
+    ref = reference(x2)
     (ref * g).sum().backward()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-4)
     for n, p in blk.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
@@ -224,6 +260,27 @@ def test_attention_impls_agree_forward_and_backward(grid, tiling, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"{impl} backward")
     # The rel-pos tables matter (the comparison is not vacuous).
     assert results["sdpa"][1][-2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("tile", [1 << 21, 5 * 12])  # one tile; 5-query chunks
+def test_attention_rel_pos_cpu_kernel_equals_explicit(tile, monkeypatch):
+    """The unpacked entry point (separate q, k, v and rel-pos terms) on the CPU kernel."""
+    import maedet.models.backbones.attention as attention
+
+    monkeypatch.setattr(attention, "_CPU_TILE_ELEMENTS", tile)
+    torch.manual_seed(0)
+    shapes = [(2, 3, 12, 4)] * 3 + [(2, 3, 12, 3), (2, 3, 12, 4)]  # q, k, v, rel_h, rel_w on a 3 x 4 grid
+    inputs = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    results = []
+    for impl in ("sdpa", "explicit"):
+        y = attention.attention_rel_pos(*inputs, (3, 4), 0.5, impl)
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(), inputs)
+        results.append((y, grads))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(attention.attention_rel_pos(*inputs, (3, 4), 0.5, "sdpa"), results[1][0])
 
 
 def test_vit_impls_and_act_checkpoint_agree():

@@ -20,6 +20,7 @@ __all__ = [
     "get_rel_pos",
     "get_decomposed_rel_pos",
     "attention_rel_pos",
+    "attention_packed",
     "window_partition",
     "window_unpartition",
 ]
@@ -187,35 +188,94 @@ class _TiledRelPosAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
-        scale, acc = ctx.scale, out.dtype
+        acc = out.dtype
         q3, k3, v3, rh3, rw3, do3 = (_as_rows(t, acc) for t in (q, k, v, rel_h, rel_w, dout))
-        rows, n, _ = q3.shape
-        n_keys = k3.shape[1]
-        k_h, k_w = rh3.shape[-1], rw3.shape[-1]
-        delta = (do3 * out).sum(-1, keepdim=True)  # rowsum(dP * P) = dO . O
-        rh_lse = rh3 - lse
-        dq, dk, dv = torch.empty_like(q3), torch.zeros_like(k3), torch.zeros_like(v3)
-        drel_h, drel_w = torch.empty_like(rh3), torch.empty_like(rw3)
-        kt, vt = k3.transpose(1, 2), v3.transpose(1, 2)
-        tiles = _tiles(rows, n, n_keys)
-        probs_buf, grad_buf = _tile_buffer(q3, tiles, n_keys), _tile_buffer(q3, tiles, n_keys)
-        for r0, r1, s, e in tiles:
-            g, c = r1 - r0, e - s
-            p = _biased_scores(probs_buf, q3, kt, rh_lse, rw3, scale, r0, r1, s, e).exp_()
-            doc = do3[r0:r1, s:e]
-            dv[r0:r1].baddbmm_(p.transpose(1, 2), doc)
-            ds = grad_buf[: g * c * n_keys].view(g, c, n_keys)
-            torch.bmm(doc, vt[r0:r1], out=ds)
-            ds.sub_(delta[r0:r1, s:e]).mul_(p)
-            ds4 = ds.view(g, c, k_h, k_w)
-            torch.sum(ds4, -1, out=drel_h[r0:r1, s:e])
-            torch.sum(ds4, -2, out=drel_w[r0:r1, s:e])
-            torch.bmm(ds, k3[r0:r1], out=dq[r0:r1, s:e])
-            dk[r0:r1].baddbmm_(ds.transpose(1, 2), q3[r0:r1, s:e])
-        dq.mul_(scale)
-        dk.mul_(scale)
+        dq, dk, dv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
+        drel_h, drel_w = _tiled_backward(q3, k3, v3, rh3, rw3, out, lse, do3, ctx.scale, dq, dk, dv)
         grads = (dq, dk, dv, drel_h, drel_w)
         return tuple(g.view(t.shape).to(t.dtype) for g, t in zip(grads, (q, k, v, rel_h, rel_w))) + (None,)
+
+
+def _tiled_backward(q, k, v, rel_h, rel_w, out, lse, dout, scale: float, dq, dk, dv):
+    """Gradients of :func:`_tiled_forward` (with ``want_lse``), tile by tile, on (rows, N, d)
+    tensors. Writes dq, dk, dv (given, any contents) and returns (drel_h, drel_w)."""
+    rows, n, _ = q.shape
+    n_keys = k.shape[1]
+    k_h, k_w = rel_h.shape[-1], rel_w.shape[-1]
+    delta = (dout * out).sum(-1, keepdim=True)  # rowsum(dP * P) = dO . O
+    rh_lse = rel_h - lse
+    dk.zero_()
+    dv.zero_()
+    drel_h, drel_w = torch.empty_like(rel_h), torch.empty_like(rel_w)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    tiles = _tiles(rows, n, n_keys)
+    probs_buf, grad_buf = _tile_buffer(q, tiles, n_keys), _tile_buffer(q, tiles, n_keys)
+    for r0, r1, s, e in tiles:
+        g, c = r1 - r0, e - s
+        p = _biased_scores(probs_buf, q, kt, rh_lse, rel_w, scale, r0, r1, s, e).exp_()
+        doc = dout[r0:r1, s:e]
+        dv[r0:r1].baddbmm_(p.transpose(1, 2), doc)
+        ds = grad_buf[: g * c * n_keys].view(g, c, n_keys)
+        torch.bmm(doc, vt[r0:r1], out=ds)
+        ds.sub_(delta[r0:r1, s:e]).mul_(p)
+        ds4 = ds.view(g, c, k_h, k_w)
+        torch.sum(ds4, -1, out=drel_h[r0:r1, s:e])
+        torch.sum(ds4, -2, out=drel_w[r0:r1, s:e])
+        torch.bmm(ds, k[r0:r1], out=dq[r0:r1, s:e])
+        dk[r0:r1].baddbmm_(ds.transpose(1, 2), q[r0:r1, s:e])
+    dq.mul_(scale)
+    dk.mul_(scale)
+    return drel_h, drel_w
+
+
+def _rel_terms(q4: torch.Tensor, Rh: torch.Tensor, Rw: torch.Tensor):
+    """(rows, q_h, q_w, d) queries -> rel_h (rows, N, k_h), rel_w (rows, N, k_w)."""
+    rows, q_h, q_w, _ = q4.shape
+    rel_h = torch.einsum("bhwc,hkc->bhwk", q4, Rh).reshape(rows, q_h * q_w, -1)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", q4, Rw).reshape(rows, q_h * q_w, -1)
+    return rel_h, rel_w
+
+
+class _PackedRelPosAttention(torch.autograd.Function):
+    """The CPU tiled attention on packed q, k, v (:func:`~.token_layout.qkv_to_heads`),
+    with the rel-pos terms formed inside from the per-axis tables ``Rh``, ``Rw``.
+
+    Taking q, k, v as one tensor, the backward writes dq, dk, dv straight into one
+    gradient tensor (no stacking of three), and the rel-pos terms are recomputed
+    (a small product) instead of kept.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, Rh, Rw, scale):
+        acc = torch.promote_types(qkv.dtype, torch.float32)
+        _, B, heads, n, d = qkv.shape
+        t = qkv.to(acc).reshape(3, B * heads, n, d)
+        q, k, v = t.unbind(0)
+        rh, rw = _rel_terms(q.view(-1, Rh.shape[0], Rw.shape[0], d), Rh.to(acc), Rw.to(acc))
+        out, lse = _tiled_forward(q, k, v, rh, rw, scale, want_lse=True)
+        ctx.save_for_backward(qkv, Rh, Rw, out, lse)
+        ctx.scale = scale
+        return out.view(B, heads, n, d).to(qkv.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, Rh, Rw, out, lse = ctx.saved_tensors
+        acc = out.dtype
+        _, B, heads, n, d = qkv.shape
+        t = qkv.to(acc).reshape(3, B * heads, n, d)
+        q, k, v = t.unbind(0)
+        Rh_, Rw_ = Rh.to(acc), Rw.to(acc)
+        q4 = q.view(-1, Rh.shape[0], Rw.shape[0], d)
+        rh, rw = _rel_terms(q4, Rh_, Rw_)
+        dt = torch.empty_like(t)
+        dq, dk, dv = dt.unbind(0)
+        do3 = dout.to(acc).reshape(B * heads, n, d)
+        drh, drw = _tiled_backward(q, k, v, rh, rw, out, lse, do3, ctx.scale, dq, dk, dv)
+        drh4, drw4 = drh.view(*q4.shape[:3], -1), drw.view(*q4.shape[:3], -1)
+        dq.view_as(q4).add_(torch.einsum("bhwk,hkc->bhwc", drh4, Rh_)).add_(torch.einsum("bhwk,wkc->bhwc", drw4, Rw_))
+        dRh = torch.einsum("bhwk,bhwc->hkc", drh4, q4).to(Rh.dtype)
+        dRw = torch.einsum("bhwk,bhwc->wkc", drw4, q4).to(Rw.dtype)
+        return dt.view(qkv.shape).to(qkv.dtype), dRh, dRw, None
 
 
 def attention_rel_pos(
@@ -312,6 +372,46 @@ def attention_rel_pos(
     v_aug = F.pad(v, (0, extra + pad))
     out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=1.0)
     return out[..., :head_dim]
+
+
+def attention_packed(
+    qkv: torch.Tensor,
+    rel_pos_h: Optional[torch.Tensor],
+    rel_pos_w: Optional[torch.Tensor],
+    q_size: Tuple[int, int],
+    scale: float,
+    impl: str = "sdpa",
+) -> torch.Tensor:
+    """:func:`attention_rel_pos` on packed q, k, v, with the rel-pos tables.
+
+    Args:
+        qkv: (3, B, heads, N, head_dim), N = q_h * q_w (:func:`~.token_layout.qkv_to_heads`).
+        rel_pos_h, rel_pos_w: the block's (L, head_dim) tables, or None (no rel-pos bias).
+        q_size: (q_h, q_w) token grid of one window (self-attention).
+        scale: multiplier of ``q . k``.
+        impl: one of ``ATTN_IMPLS``; ``"sdpa"`` on CPU runs the tiled kernel on the packed
+            tensor (one gradient tensor for q, k, v), the others unpack it.
+    Returns:
+        (B, heads, N, head_dim).
+    """
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
+    if rel_pos_h is not None and impl == "sdpa" and qkv.device.type == "cpu":
+        q_h, q_w = q_size
+        Rh, Rw = get_rel_pos(q_h, q_h, rel_pos_h), get_rel_pos(q_w, q_w, rel_pos_w)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, Rh, Rw)):
+            return _PackedRelPosAttention.apply(qkv, Rh, Rw, float(scale))
+        acc = torch.promote_types(qkv.dtype, torch.float32)
+        _, B, heads, n, d = qkv.shape
+        q, k, v = qkv.to(acc).reshape(3, B * heads, n, d).unbind(0)
+        rh, rw = _rel_terms(q.view(-1, q_h, q_w, d), Rh.to(acc), Rw.to(acc))
+        out, _ = _tiled_forward(q, k, v, rh, rw, float(scale), want_lse=False)
+        return out.view(B, heads, n, d).to(qkv.dtype)
+    q, k, v = qkv.unbind(0)
+    rel_h = rel_w = None
+    if rel_pos_h is not None:
+        rel_h, rel_w = get_decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, q_size)
+    return attention_rel_pos(q, k, v, rel_h, rel_w, q_size, scale, impl)
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:

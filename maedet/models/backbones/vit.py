@@ -28,8 +28,9 @@ from maedet.models.pos_embed import fit_pos_embed, resize_pos_embed_grid
 from maedet.utils.errors import CheckpointError
 from maedet.utils.registry import BACKBONES
 
-from .attention import ATTN_IMPLS, attention_rel_pos, get_decomposed_rel_pos, window_partition, window_unpartition
+from .attention import ATTN_IMPLS, attention_packed, window_partition, window_unpartition
 from .base import Backbone
+from .token_layout import heads_to_grid, qkv_to_heads
 
 __all__ = [
     "ViT",
@@ -102,22 +103,25 @@ class Attention(nn.Module):
         """
         return self.proj(self.attend(self.qkv(x)))
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
         """The attention itself, between the two projections.
 
         Args:
             qkv: (B, H, W, 3C) output of :attr:`qkv`.
+            window: attend within non-overlapping ``window x window`` windows (the
+                grid padded to whole windows as detectron2 pads the tokens before
+                the projection: the padding's q, k, v are the qkv bias); None: the
+                whole grid.
         Returns:
             (B, H, W, C), before :attr:`proj`.
         """
-        B, H, W, C3 = qkv.shape
-        qkv = qkv.reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        rel_h = rel_w = None
-        if self.use_rel_pos:
-            rel_h, rel_w = get_decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
-        x = attention_rel_pos(q, k, v, rel_h, rel_w, (H, W), self.scale, self.attn_impl)
-        return x.transpose(1, 2).reshape(B, H, W, C3 // 3)
+        B, H, W, _ = qkv.shape
+        packed = qkv_to_heads(qkv, self.num_heads, window, self.qkv.bias if window else None)
+        q_size = (window, window) if window else (H, W)
+        rel_h = self.rel_pos_h if self.use_rel_pos else None
+        rel_w = self.rel_pos_w if self.use_rel_pos else None
+        out = attention_packed(packed, rel_h, rel_w, q_size, self.scale, self.attn_impl)
+        return heads_to_grid(out, (H, W), window)
 
 
 class Block(nn.Module):
@@ -185,22 +189,11 @@ class Block(nn.Module):
         As in detectron2, the grid is padded to whole windows after ``norm1`` and the
         padding tokens take part in attention; being zeros, their ``qkv`` is the
         projection's bias. So ``qkv`` is computed on the H x W tokens and padded with
-        its bias, and ``proj`` runs after the padding is cropped: the same numbers,
-        without projecting the 804 padding tokens of a 64 x 64 grid (window 14).
+        its bias (:meth:`Attention.attend`), and ``proj`` runs on the H x W outputs: the
+        same numbers, without projecting the 804 padding tokens of a 64 x 64 grid
+        (window 14).
         """
-        H, W = x.shape[1], x.shape[2]
-        ws = self.window_size
-        qkv = self.attn.qkv(x)
-        pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
-        if pad_h or pad_w:
-            qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
-            bias = self.attn.qkv.bias
-            if bias is not None:
-                qkv[:, H:] = bias.to(qkv.dtype)
-                qkv[:, :H, W:] = bias.to(qkv.dtype)
-        windows, pad_hw = window_partition(qkv, ws)
-        out = self.attn.attend(windows)
-        return self.attn.proj(window_unpartition(out, ws, pad_hw, (H, W)))
+        return self.attn.proj(self.attn.attend(self.attn.qkv(x), self.window_size))
 
 
 def get_abs_pos(pos_embed: torch.Tensor, has_cls_token: bool, hw: Tuple[int, int]) -> torch.Tensor:
