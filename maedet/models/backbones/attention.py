@@ -236,6 +236,16 @@ def _rel_terms(q4: torch.Tensor, Rh: torch.Tensor, Rw: torch.Tensor):
     return rel_h, rel_w
 
 
+def _packed_forward(qkv, Rh, Rw, scale: float, want_lse: bool):
+    """:func:`_tiled_forward` on packed (3, B, heads, N, d) q, k, v, the rel-pos terms
+    formed from the (q_h, k_h, d) / (q_w, k_w, d) tables; returns (rows, N, d) outputs."""
+    acc = torch.promote_types(qkv.dtype, torch.float32)
+    _, B, heads, n, d = qkv.shape
+    q, k, v = qkv.to(acc).reshape(3, B * heads, n, d).unbind(0)
+    rh, rw = _rel_terms(q.view(-1, Rh.shape[0], Rw.shape[0], d), Rh.to(acc), Rw.to(acc))
+    return _tiled_forward(q, k, v, rh, rw, scale, want_lse)
+
+
 class _PackedRelPosAttention(torch.autograd.Function):
     """The CPU tiled attention on packed q, k, v (:func:`~.token_layout.qkv_to_heads`),
     with the rel-pos terms formed inside from the per-axis tables ``Rh``, ``Rw``.
@@ -247,15 +257,10 @@ class _PackedRelPosAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, Rh, Rw, scale):
-        acc = torch.promote_types(qkv.dtype, torch.float32)
-        _, B, heads, n, d = qkv.shape
-        t = qkv.to(acc).reshape(3, B * heads, n, d)
-        q, k, v = t.unbind(0)
-        rh, rw = _rel_terms(q.view(-1, Rh.shape[0], Rw.shape[0], d), Rh.to(acc), Rw.to(acc))
-        out, lse = _tiled_forward(q, k, v, rh, rw, scale, want_lse=True)
+        out, lse = _packed_forward(qkv, Rh, Rw, scale, want_lse=True)
         ctx.save_for_backward(qkv, Rh, Rw, out, lse)
         ctx.scale = scale
-        return out.view(B, heads, n, d).to(qkv.dtype)
+        return out.view(qkv.shape[1:]).to(qkv.dtype)
 
     @staticmethod
     def backward(ctx, dout):
@@ -401,12 +406,8 @@ def attention_packed(
         Rh, Rw = get_rel_pos(q_h, q_h, rel_pos_h), get_rel_pos(q_w, q_w, rel_pos_w)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, Rh, Rw)):
             return _PackedRelPosAttention.apply(qkv, Rh, Rw, float(scale))
-        acc = torch.promote_types(qkv.dtype, torch.float32)
-        _, B, heads, n, d = qkv.shape
-        q, k, v = qkv.to(acc).reshape(3, B * heads, n, d).unbind(0)
-        rh, rw = _rel_terms(q.view(-1, q_h, q_w, d), Rh.to(acc), Rw.to(acc))
-        out, _ = _tiled_forward(q, k, v, rh, rw, float(scale), want_lse=False)
-        return out.view(B, heads, n, d).to(qkv.dtype)
+        out, _ = _packed_forward(qkv, Rh, Rw, float(scale), want_lse=False)
+        return out.view(qkv.shape[1:]).to(qkv.dtype)
     q, k, v = qkv.unbind(0)
     rel_h = rel_w = None
     if rel_pos_h is not None:
