@@ -86,7 +86,7 @@ def _window_view(t: torch.Tensor, B: int, nh: int, nw: int, wh: int, ww: int, le
 class _QKVToHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, pad, heads: int, window: Optional[int]):
-        B, H, W, C3 = qkv.shape
+        B, H, W, C3 = (int(v) for v in qkv.shape)  # ints also under jit tracing (fvcore)
         wh, ww, nh, nw = window_grid((H, W), window)
         hd = C3 // 3 // heads
         out = qkv.new_empty(3, B * nh * nw, heads, wh * ww, hd)
@@ -122,10 +122,10 @@ class _QKVToHeads(torch.autograd.Function):
 class _HeadsToGrid(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, hw: Tuple[int, int], window: Optional[int]):
-        H, W = hw
-        wh, ww, nh, nw = window_grid(hw, window)
-        heads, hd = x.shape[-3], x.shape[-1]
-        B = x.shape[0] // (nh * nw)
+        H, W = int(hw[0]), int(hw[1])  # ints also under jit tracing (fvcore)
+        wh, ww, nh, nw = window_grid((H, W), window)
+        heads, hd = int(x.shape[-3]), int(x.shape[-1])
+        B = int(x.shape[0]) // (nh * nw)
         view = _window_view(x, B, nh, nw, wh, ww, 0)
         out = x.new_empty(B, H, W, heads, hd)
         for wi, gi, split in _regions(H, W, wh, ww):
