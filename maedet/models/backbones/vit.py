@@ -72,7 +72,8 @@ class Attention(nn.Module):
             input_size: (H, W) grid the rel-pos tables are sized for; tables
                 have shapes (2H - 1, head_dim) and (2W - 1, head_dim). Required
                 with ``use_rel_pos``.
-            attn_impl: "sdpa" (bias folded into q/k), "sdpa_mask" or "explicit";
+            attn_impl: "sdpa" (no N x N tensor: fused SDPA on GPU, tiled GEMMs on CPU),
+                "sdpa_mask" or "explicit";
                 see :func:`attention_rel_pos`.
         """
         super().__init__()
