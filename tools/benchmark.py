@@ -53,6 +53,10 @@ import subprocess
 import sys
 from typing import Any, Dict, List, Sequence, Tuple
 
+from maedet.utils.startup import prepare_process
+
+prepare_process()  # before torch is imported (huge pages for large CPU tensors)
+
 import torch
 
 from maedet.benchmark import pipelines, workloads

@@ -45,6 +45,10 @@ import json
 import os
 import sys
 
+from maedet.utils.startup import prepare_process
+
+prepare_process()  # before torch is imported (huge pages for large CPU tensors)
+
 from maedet.data.images import IMAGE_EXTENSIONS, read_coco_image_entries
 from maedet.engine.launch import check_writable_dir, run_tool
 from maedet.utils.errors import ConfigError, DatasetError, MaedetError

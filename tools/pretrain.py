@@ -16,6 +16,10 @@ model_XXXXXXX.pth checkpoints with a last_checkpoint pointer, vis/ reconstructio
 and encoder_final.pth: the encoder for tools/train_net.py (model.backbone.pretrained).
 """
 
+from maedet.utils.startup import prepare_process
+
+prepare_process()  # before torch is imported (huge pages for large CPU tensors)
+
 from maedet.builders import load_pretrain_config, run_pretraining
 from maedet.engine.launch import default_argument_parser, launch, setup_run
 from maedet.utils import distributed as du

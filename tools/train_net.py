@@ -15,6 +15,10 @@ a recipe is unchanged by the number of GPUs; with train.total_batch_size=0,
 train.batch_size is per process and solver.lr (if unset) scales with the total batch.
 """
 
+from maedet.utils.startup import prepare_process
+
+prepare_process()  # before torch is imported (huge pages for large CPU tensors)
+
 from maedet.builders import load_detection_config, run_detection_training, run_evaluation
 from maedet.engine.launch import default_argument_parser, launch, setup_run
 from maedet.utils import distributed as du
