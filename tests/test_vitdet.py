@@ -416,6 +416,40 @@ def test_aligned_roi_pool_matches_roi_align():
     torch.testing.assert_close(out[1:2], roi_align(feats["p3"], rois[1:2], 7, 0.125, 0, aligned=True))
 
 
+@pytest.mark.parametrize("batch,channels,channels_last", [(1, 64, False), (2, 33, True)])
+def test_threaded_roi_align_is_torchvision_bit_for_bit(batch, channels, channels_last):
+    """Channel slices on two threads: forward and input gradient equal torchvision's exactly."""
+    from torchvision.ops import roi_align
+
+    from maedet.models.detectors import poolers
+
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(batch, channels, 48, 48, generator=g)
+    if channels_last:
+        feat = feat.contiguous(memory_format=torch.channels_last)
+    feat.requires_grad_()
+    xy = torch.rand(400, 2, generator=g) * 150
+    wh = 1 + 60 * torch.rand(400, 2, generator=g)
+    rois = torch.cat([torch.randint(0, batch, (400, 1), generator=g).float(), xy, xy + wh], 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ours = poolers.roi_align_threaded(feat, rois, (7, 7), 0.25, 0, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert type(ours.grad_fn).__name__ == "_ThreadedRoIAlignBackward"  # the threaded path ran
+    ref = roi_align(feat, rois, (7, 7), 0.25, 0, aligned=True)
+    assert torch.equal(ours, ref)
+    grad = torch.randn(ref.shape, generator=g)
+    (g_ref,) = torch.autograd.grad(ref, feat, grad)
+    torch.set_num_threads(2)
+    try:
+        (g_ours,) = torch.autograd.grad(ours, feat, grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(g_ours, g_ref)
+
+
 def test_mask_rcnn_train_losses_backward_and_eval():
     torch.manual_seed(0)
     model = tiny_mask_rcnn(vit_overrides=dict(drop_path_rate=0.1))
