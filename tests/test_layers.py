@@ -13,16 +13,6 @@ def _reference(x, w, b, eps=1e-6):
     return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), w, b, eps).permute(0, 3, 1, 2)
 
 
-def test_gradcheck_float64():
-    torch.manual_seed(0)
-    ln = LayerNorm2d(6).double()
-    with torch.no_grad():
-        ln.weight.normal_()
-        ln.bias.normal_()
-    x = torch.randn(2, 6, 4, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, b: LayerNorm2d.forward(ln, x), (x, ln.weight, ln.bias))
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_matches_layer_norm_values_and_gradients(channels_last):
     torch.manual_seed(0)
@@ -50,10 +40,28 @@ def test_matches_layer_norm_values_and_gradients(channels_last):
     assert x1.grad.shape == x.shape
 
 
-def test_bf16_input_is_normalized_in_float32():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradcheck_float64_any_layout(channels_last):
+    torch.manual_seed(0)
+    ln = LayerNorm2d(6).double()
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w, b: LayerNorm2d.forward(ln, x), (x, ln.weight, ln.bias))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_input_is_normalized_in_float32(channels_last):
     torch.manual_seed(0)
     ln = LayerNorm2d(16)
-    x = (torch.randn(1, 16, 5, 5) * 4).bfloat16().requires_grad_(True)
+    x = (torch.randn(2, 16, 5, 5) * 4).bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = ln(x)
     assert y.dtype == torch.float32

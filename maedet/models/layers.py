@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = [
     "ShapeSpec",
@@ -47,9 +48,11 @@ class _ChannelLayerNorm(torch.autograd.Function):
         ctx.in_dtype = x.dtype
         dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
         x = x.to(dtype)
-        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
-        rstd = (var + eps).rsqrt_()
-        xhat = (x - mean).mul_(rstd)
+        # Two passes (mean, then the mean square of x - mean): on NCHW maps this is
+        # 3-4x faster than ``var_mean`` over dim 1 ([512, 256, 7, 7]: 8.7 against 36.7 ms).
+        xc = x - x.mean(1, keepdim=True)
+        rstd = xc.square().mean(1, keepdim=True).add_(eps).rsqrt_()
+        xhat = xc.mul_(rstd)
         w, b = weight.to(dtype)[:, None, None], bias.to(dtype)[:, None, None]
         ctx.save_for_backward(xhat, w, rstd)
         return torch.addcmul(b, xhat, w)
@@ -77,7 +80,9 @@ class LayerNorm2d(nn.Module):
     exempts ``torch.nn`` normalization layers from weight decay, and its
     channels-first LayerNorm (pyramid, heads) is not one of them, so this layer
     keeps weight decay under the same rule (:func:`maedet.engine.optim.param_groups`).
-    The output keeps the input's memory layout (see :class:`_ChannelLayerNorm`).
+    The output keeps the input's memory layout: NCHW maps go through
+    :class:`_ChannelLayerNorm`, channels-last ones through ``F.layer_norm`` on the
+    (N, H, W, C) view.
     """
 
     def __init__(self, channels: int, eps: float = 1e-6):
@@ -87,6 +92,14 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # Channels-last (CPU inference): the channels are the innermost axis, where
+            # torch's own layer norm is 5-20x faster than reducing over dim 1
+            # ([1000, 256, 7, 7]: 3.2 against 64 ms). Float32 at least, as below.
+            dtype = torch.promote_types(torch.promote_types(x.dtype, self.weight.dtype), torch.float32)
+            w, b = self.weight.to(dtype), self.bias.to(dtype)
+            y = F.layer_norm(x.permute(0, 2, 3, 1).to(dtype), (x.shape[1],), w, b, self.eps)
+            return y.permute(0, 3, 1, 2)
         return _ChannelLayerNorm.apply(x, self.weight, self.bias, self.eps)
 
 
