@@ -94,12 +94,14 @@ def roi_align_threaded(
     the same values, with the channels split over torch's intra-op threads on CPU.
 
     Falls back to torchvision where threads cannot help (other devices, one thread,
-    small calls, TorchScript) and for non-float32 maps outside autocast (torchvision
+    small calls, TorchScript, tracing, torch.compile) and for non-float32 maps outside autocast (torchvision
     then computes in their dtype).
     """
     threads = min(torch.get_num_threads(), feat.shape[1])
     if (
         torch.jit.is_scripting()
+        or torch.jit.is_tracing()  # tracers and compilers follow this thread only
+        or torch.compiler.is_compiling()
         or feat.device.type != "cpu"
         or threads < 2
         or feat.is_quantized
