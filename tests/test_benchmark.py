@@ -289,3 +289,45 @@ def test_stage_clock_books_exclusive_forward_times_and_backward_segments():
         "bwd: ViT window blocks": 0.5,
         "bwd: embedding, preprocess": 0.5,
     }
+
+
+def test_matmul_flops_counts_products_and_convolutions_forward_and_backward():
+    import torch
+
+    from maedet.benchmark.reference import matmul_flops
+
+    a, b = torch.randn(2, 8, 16), torch.randn(2, 16, 4)
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+
+    def run():
+        torch.zeros(2, 8, 4).baddbmm_(a, b)  # in place: not in torch's own table
+        y = torch.nn.functional.conv2d(x, w, padding=1)
+        y.relu().exp().sum().backward()  # element-wise work is not counted
+
+    conv = 2 * (8 * 8) * 4 * (3 * 3 * 3)  # 2 FLOPs per multiply-add, 64 outputs x 4 channels x 27 taps
+    # forward, then the input and the weight gradients cost one convolution each
+    assert matmul_flops(run) == 2 * 2 * 8 * 16 * 4 + 3 * conv
+
+
+def test_reference_table_sets_the_flops_against_the_gemm_rate():
+    from maedet.benchmark.reference import format_comparison
+
+    rate = 100e9
+    results = [
+        {"framework": fw, "task": task, "s_per_iter": t, "flops": f, "gemm_flop_s": rate}
+        for fw, task, t, f in (
+            ("detectron2", "train", 40.0, 2.0e12),
+            ("maedet", "train", 30.0, 2.4e12),
+            ("detectron2", "infer", 20.0, 1.0e12),
+            ("maedet", "infer", 12.0, 0.9e12),
+        )
+    ]
+    lines = format_comparison(results)
+    assert "| matrix products + convolutions, training step (GFLOP) | 2,000 | 2,400 | 1.20x |" in lines
+    # 2.4 TFLOP at 100 GFLOP/s = 24 s = 0.60 of detectron2's 40 s; 20 s is 50% of detectron2's step
+    assert (
+        "| training step at this machine's GEMM rate, 100 GFLOP/s (s) | 20.00 | 24.00 | 0.60x of detectron2's time |"
+        in lines
+    )
+    assert "| inference: share of the time at that rate | 50% | 75% | |" in lines

@@ -339,6 +339,7 @@ def run_reference(args, cfg: Any, device: torch.device) -> Any:
         amp=amp,
         instances=args.instances,
         verbose=args.verbose,
+        flops=args.flops,
     )
     if args.no_memory:
         return results
@@ -466,7 +467,11 @@ def parse_args(argv=None):
     p.add_argument("--instances", type=int, default=2, help="reference: instances in the training image")
     p.add_argument("--no-memory", action="store_true", help="reference: skip the peak-memory processes")
     p.add_argument("--memory-of", default="", help=argparse.SUPPRESS)
-    p.add_argument("--flops", action="store_true", help="fvcore FLOPs and parameters")
+    p.add_argument(
+        "--flops",
+        action="store_true",
+        help="fvcore FLOPs and parameters; reference: matrix-product FLOPs and this machine's GEMM rate",
+    )
     p.add_argument("--params", action="store_true", help="fvcore parameter counts")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="CUDA: device peak TFLOP/s for MFU")
     p.add_argument("--isolate", action="store_true", help="one fresh subprocess per variant (ru_maxrss memory)")

@@ -17,6 +17,10 @@ interleaves their runs, so that load changes on the machine hit both alike:
 With ``stages=True`` every timed run also records where the time goes (see
 :class:`maedet.benchmark.stages.StageClock`): the forward split into named stages (exclusive times), and
 the backward split at tensor boundaries (RoI + RPN heads, pyramid, every ViT block).
+With ``flops=True``, each framework's matrix products and convolutions are counted
+for one run of each task (:func:`matmul_flops`) and set against the rate of one
+large matrix product on this machine (:func:`gemm_rate`): the time the step would
+take if all its arithmetic ran at that rate and nothing else cost anything.
 
 detectron2 is an optional, benchmark-only dependency; without it :func:`compare`
 raises :class:`ReferenceUnavailable` with the reason and how to get it.
@@ -30,7 +34,7 @@ import os
 import resource
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -304,6 +308,35 @@ def _build_sides(
     return sides, info
 
 
+def matmul_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs (2 per multiply-add) of the matrix products and convolutions that ``fn()``
+    runs on this thread, forward and backward: torch's ``FlopCounterMode``, which
+    counts ``mm``, ``addmm``, ``bmm``, ``baddbmm``, convolutions and their backward,
+    plus the in-place ``baddbmm_`` (maedet's CPU attention), which it leaves out.
+    Element-wise work (softmax, norms, activations, copies) is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def baddbmm_(self_shape, a_shape, b_shape, *args, **kwargs) -> int:  # (b, n, k) @ (b, k, m)
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: baddbmm_}) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def gemm_rate(repeats: int = 5) -> float:
+    """FLOP/s of this machine's best large fp32 matrix product: a ViT-B MLP layer at
+    1024 x 1024 input, (4096 x 768) @ (768 x 3072), best of ``repeats`` after one warm-up."""
+    a, b = torch.randn(4096, 768), torch.randn(768, 3072)
+    best = float("inf")
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * 4096 * 768 * 3072 / best
+
+
 def _check_available(device: torch.device) -> None:
     reason = detectron2_status()
     if reason:
@@ -321,6 +354,7 @@ def compare(
     amp: str = "off",
     instances: int = 2,
     verbose: bool = False,
+    flops: bool = False,
 ) -> List[Dict[str, Any]]:
     """Interleaved training-step and inference timings of maedet and its detectron2 twin.
 
@@ -338,6 +372,10 @@ def compare(
     stage. Memory is measured apart, one framework per fresh process
     (:func:`peak_memory`): in one process, memory the first framework freed stays
     mapped and the second reuses it unseen.
+
+    With ``flops``, after the timed runs, one more run of each (framework, task)
+    is counted (:func:`matmul_flops`; ``flops``) and this machine's GEMM rate is
+    measured (:func:`gemm_rate`; ``gemm_flop_s``).
     """
     _check_available(device)
     sides, info = _build_sides(cfg, amp, instances, stages)
@@ -364,6 +402,12 @@ def compare(
                     else:
                         s.stage_runs[task].clear()  # warm-up runs are not profiled
                     rec[(s.name, task)]["out"] = out
+        counted: Dict[Tuple[str, str], float] = {}
+        if flops:
+            for s in sides:
+                for task in TASKS:
+                    counted[(s.name, task)] = matmul_flops(s.train_step if task == "train" else s.infer_step)
+            rate = gemm_rate()
     finally:
         for s in sides:
             if s.clock is not None:
@@ -383,6 +427,8 @@ def compare(
                 "threads": torch.get_num_threads(),
             }
             entry["losses" if task == "train" else "detections"] = rr["out"]
+            if counted:
+                entry["flops"], entry["gemm_flop_s"] = counted[(s.name, task)], rate
             runs = s.stage_runs[task]
             if runs:
                 keys = sorted({k for run in runs for k in run})
@@ -439,6 +485,23 @@ def format_comparison(results: List[Dict[str, Any]]) -> List[str]:
             continue
         ratio = m["peak_mem_mb"] / d["peak_mem_mb"] if d["peak_mem_mb"] > 0 else float("nan")
         lines.append(f"| {label} | {d['peak_mem_mb']:,.0f} | {m['peak_mem_mb']:,.0f} | {ratio:.2f}x |")
+    for task, label in (("train", "training step"), ("infer", "inference")):
+        d, m = by[("detectron2", task)], by[("maedet", task)]
+        if "flops" not in d or "flops" not in m:
+            continue
+        rate = m["gemm_flop_s"]
+        lines.append(
+            f"| matrix products + convolutions, {label} (GFLOP) | {d['flops'] / 1e9:,.0f} | "
+            f"{m['flops'] / 1e9:,.0f} | {m['flops'] / d['flops']:.2f}x |"
+        )
+        fd, fm = d["flops"] / rate, m["flops"] / rate
+        lines.append(
+            f"| {label} at this machine's GEMM rate, {rate / 1e9:.0f} GFLOP/s (s) | {fd:.2f} | {fm:.2f} | "
+            f"{fm / d['s_per_iter']:.2f}x of detectron2's time |"
+        )
+        lines.append(
+            f"| {label}: share of the time at that rate | {fd / d['s_per_iter']:.0%} | {fm / m['s_per_iter']:.0%} | |"
+        )
     for task in ("train", "infer"):
         d, m = by[("detectron2", task)].get("stages_s"), by[("maedet", task)].get("stages_s")
         if not d or not m:
