@@ -455,7 +455,7 @@ class ViT(Backbone):
         # The residual stream stays in the layout it starts in. Left permuted, every
         # LayerNorm copies its input forward and backward, and each residual add and
         # drop-path multiply runs strided, 2-4x slower (ViT-B at 1024, 2 CPU cores:
-        # ~0.6 s per training step, docs/BENCHMARKS.md). The values are the same.
+        # ~0.7 s per training step, docs/BENCHMARKS.md). The values are the same.
         x = x.contiguous()
         for blk in self.blocks:
             if (

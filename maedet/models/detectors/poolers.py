@@ -50,8 +50,8 @@ class _ThreadedRoIAlign(torch.autograd.Function):
     backward. The channels are independent, so slices of them run side by side and
     their outputs concatenate to the same values, bit for bit: each output (and input
     gradient) element is computed by the same code from the same numbers. ViT-B Mask
-    R-CNN at 1024 on 2 cores: box pooler on 512 RoIs, 0.24 -> 0.13 s forward and
-    0.81 -> 0.45 s backward (docs/BENCHMARKS.md). The kernels release the GIL.
+    R-CNN at 1024 on 2 cores: box pooler on 512 RoIs, 0.23 -> 0.13 s forward and
+    0.75 -> 0.42 s backward (docs/BENCHMARKS.md). The kernels release the GIL.
     Computes in float32, as torchvision's autocast rule for RoIAlign does.
     """
 
