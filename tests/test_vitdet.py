@@ -301,6 +301,18 @@ def test_vit_impls_and_act_checkpoint_agree():
             torch.testing.assert_close(a, b)
 
 
+def test_vit_blocks_get_a_contiguous_residual_stream():
+    """The patch embedding's NHWC output is a permuted view; left so, every LayerNorm
+    copies it and every residual add runs strided (docs/BENCHMARKS.md)."""
+    vit = tiny_vit(drop_path_rate=0.1).train()
+    seen = []
+    for blk in vit.blocks:
+        blk.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    out = vit(torch.randn(1, 3, 128, 128))["last_feat"]
+    assert seen == [True] * len(vit.blocks)
+    assert out.shape == (1, 32, 8, 8)
+
+
 def test_vit_names_and_shapes_follow_detectron2():
     vit = tiny_vit()
     sd = vit.state_dict()
