@@ -94,8 +94,8 @@ def roi_align_threaded(
     the same values, with the channels split over torch's intra-op threads on CPU.
 
     Falls back to torchvision where threads cannot help (other devices, one thread,
-    small calls, TorchScript, tracing, torch.compile) and for non-float32 maps outside autocast (torchvision
-    then computes in their dtype).
+    small calls, TorchScript, tracing, torch.compile) and for non-float32 maps outside
+    autocast (torchvision then computes in their dtype).
     """
     threads = min(torch.get_num_threads(), feat.shape[1])
     if (
