@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torchvision  # noqa: F401  (registers torch.ops.torchvision)
 from torch import nn
 from torchvision.ops import roi_align
 
