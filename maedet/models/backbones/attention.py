@@ -104,6 +104,15 @@ def get_decomposed_rel_pos(
 _CPU_TILE_ELEMENTS = 1 << 21
 
 
+# log2(e): the CPU kernels form their scores in base 2 and exponentiate with exp2.
+_LOG2E = 1.4426950408889634
+
+
+def _base2(scale: float, *terms: torch.Tensor):
+    """``scale`` and the bias terms multiplied by log2(e) (scores in base 2)."""
+    return (scale * _LOG2E,) + tuple(t * _LOG2E for t in terms)
+
+
 def _tiles(rows: int, n: int, n_keys: int) -> List[Tuple[int, int, int, int]]:
     """(row start, row end, query start, query end) of each tile of a (rows x n x n_keys) score tensor.
 
@@ -135,10 +144,14 @@ def _biased_scores(buf, q, kt, rel_h, rel_w, scale, r0, r1, s, e) -> torch.Tenso
 def _tiled_forward(q, k, v, rel_h, rel_w, scale: float, want_lse: bool):
     """``softmax(scale q k^T + bias) v`` tile by tile on (rows, N, d) tensors.
 
-    Each tile's probabilities are ``exp(s - max)`` left unnormalized: the row sums
-    divide the (tile x d) output instead of the (tile x N) probabilities (one pass
-    less over the tile). With ``want_lse`` the log-sum-exp of every score row is
-    returned too, from which backward recomputes the probabilities in one pass.
+    The scores are in base 2: ``scale``, ``rel_h`` and ``rel_w`` come multiplied by
+    log2(e) (:func:`_base2`), so that the tile's exponentials are ``exp2``, about
+    twice as fast as ``exp`` on a CPU, with the same probabilities up to float
+    rounding. Each tile's probabilities are ``2 ** (s - max)`` left unnormalized:
+    the row sums divide the (tile x d) output instead of the (tile x N)
+    probabilities (one pass less over the tile). With ``want_lse`` the base-2
+    log-sum-exp of every score row is returned too, from which backward
+    recomputes the probabilities in one pass.
     """
     rows, n, _ = q.shape
     n_keys = k.shape[1]
@@ -150,13 +163,13 @@ def _tiled_forward(q, k, v, rel_h, rel_w, scale: float, want_lse: bool):
     for r0, r1, s, e in tiles:
         p = _biased_scores(buf, q, kt, rel_h, rel_w, scale, r0, r1, s, e)
         row_max = p.amax(-1, keepdim=True)
-        p.sub_(row_max).exp_()
+        p.sub_(row_max).exp2_()
         row_sum = p.sum(-1, keepdim=True)
         o = out[r0:r1, s:e]
         torch.bmm(p, v[r0:r1], out=o)
         o.div_(row_sum)
         if want_lse:
-            lse[r0:r1, s:e] = row_max + row_sum.log()
+            lse[r0:r1, s:e] = row_max + row_sum.log2()
     return out, lse
 
 
@@ -170,7 +183,8 @@ class _TiledRelPosAttention(torch.autograd.Function):
 
     Forward: :func:`_tiled_forward`, keeping the row log-sum-exp. Backward, tile by
     tile: the probabilities are recomputed as ``exp(scale q k^T + rel_h - lse +
-    rel_w)`` (the log-sum-exp folded into the row term of the bias), then dV += P^T dO,
+    rel_w)`` (the log-sum-exp folded into the row term of the bias; in base 2, as in
+    the forward), then dV += P^T dO,
     dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK += dS^T Q, and the rel-pos
     gradients are the row / column sums of dS. Everything runs in float32 at least
     (bf16 autocast inputs too), and the gradients come back in the inputs' dtypes.
@@ -180,7 +194,8 @@ class _TiledRelPosAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, rel_h, rel_w, scale):
         acc = torch.promote_types(q.dtype, torch.float32)
         q3, k3, v3, rh3, rw3 = (_as_rows(t, acc) for t in (q, k, v, rel_h, rel_w))
-        out, lse = _tiled_forward(q3, k3, v3, rh3, rw3, scale, want_lse=True)
+        scale2, rh2, rw2 = _base2(scale, rh3, rw3)
+        out, lse = _tiled_forward(q3, k3, v3, rh2, rw2, scale2, want_lse=True)
         ctx.save_for_backward(q, k, v, rel_h, rel_w, out, lse)
         ctx.scale = scale
         return out.view(*q.shape[:-1], v.shape[-1]).to(q.dtype)
@@ -190,6 +205,7 @@ class _TiledRelPosAttention(torch.autograd.Function):
         q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
         acc = out.dtype
         q3, k3, v3, rh3, rw3, do3 = (_as_rows(t, acc) for t in (q, k, v, rel_h, rel_w, dout))
+        _, rh3, rw3 = _base2(ctx.scale, rh3, rw3)
         dq, dk, dv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
         drel_h, drel_w = _tiled_backward(q3, k3, v3, rh3, rw3, out, lse, do3, ctx.scale, dq, dk, dv)
         grads = (dq, dk, dv, drel_h, drel_w)
@@ -198,7 +214,9 @@ class _TiledRelPosAttention(torch.autograd.Function):
 
 def _tiled_backward(q, k, v, rel_h, rel_w, out, lse, dout, scale: float, dq, dk, dv):
     """Gradients of :func:`_tiled_forward` (with ``want_lse``), tile by tile, on (rows, N, d)
-    tensors. Writes dq, dk, dv (given, any contents) and returns (drel_h, drel_w)."""
+    tensors. ``rel_h``, ``rel_w`` and ``lse`` are in base 2 as there; ``scale`` is the
+    plain one (the gradients are those of the natural scores). Writes dq, dk, dv
+    (given, any contents) and returns (drel_h, drel_w)."""
     rows, n, _ = q.shape
     n_keys = k.shape[1]
     k_h, k_w = rel_h.shape[-1], rel_w.shape[-1]
@@ -212,7 +230,7 @@ def _tiled_backward(q, k, v, rel_h, rel_w, out, lse, dout, scale: float, dq, dk,
     probs_buf, grad_buf = _tile_buffer(q, tiles, n_keys), _tile_buffer(q, tiles, n_keys)
     for r0, r1, s, e in tiles:
         g, c = r1 - r0, e - s
-        p = _biased_scores(probs_buf, q, kt, rh_lse, rel_w, scale, r0, r1, s, e).exp_()
+        p = _biased_scores(probs_buf, q, kt, rh_lse, rel_w, scale * _LOG2E, r0, r1, s, e).exp2_()
         doc = dout[r0:r1, s:e]
         dv[r0:r1].baddbmm_(p.transpose(1, 2), doc)
         ds = grad_buf[: g * c * n_keys].view(g, c, n_keys)
@@ -242,8 +260,9 @@ def _packed_forward(qkv, Rh, Rw, scale: float, want_lse: bool):
     acc = torch.promote_types(qkv.dtype, torch.float32)
     _, B, heads, n, d = qkv.shape
     q, k, v = qkv.to(acc).reshape(3, B * heads, n, d).unbind(0)
-    rh, rw = _rel_terms(q.view(-1, Rh.shape[0], Rw.shape[0], d), Rh.to(acc), Rw.to(acc))
-    return _tiled_forward(q, k, v, rh, rw, scale, want_lse)
+    scale2, Rh2, Rw2 = _base2(scale, Rh.to(acc), Rw.to(acc))
+    rh, rw = _rel_terms(q.view(-1, Rh.shape[0], Rw.shape[0], d), Rh2, Rw2)
+    return _tiled_forward(q, k, v, rh, rw, scale2, want_lse)
 
 
 class _PackedRelPosAttention(torch.autograd.Function):
@@ -271,7 +290,7 @@ class _PackedRelPosAttention(torch.autograd.Function):
         q, k, v = t.unbind(0)
         Rh_, Rw_ = Rh.to(acc), Rw.to(acc)
         q4 = q.view(-1, Rh.shape[0], Rw.shape[0], d)
-        rh, rw = _rel_terms(q4, Rh_, Rw_)
+        rh, rw = _rel_terms(q4, *_base2(ctx.scale, Rh_, Rw_)[1:])
         dt = torch.empty_like(t)
         dq, dk, dv = dt.unbind(0)
         do3 = dout.to(acc).reshape(B * heads, n, d)
@@ -354,8 +373,9 @@ def attention_rel_pos(
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_h, rel_w)):
             return _TiledRelPosAttention.apply(q, k, v, rel_h, rel_w, float(scale))
         acc = torch.promote_types(q.dtype, torch.float32)
-        rows = [_as_rows(t, acc) for t in (q, k, v, rel_h, rel_w)]
-        out, _ = _tiled_forward(*rows, float(scale), want_lse=False)
+        q3, k3, v3, rh3, rw3 = (_as_rows(t, acc) for t in (q, k, v, rel_h, rel_w))
+        scale2, rh3, rw3 = _base2(float(scale), rh3, rw3)
+        out, _ = _tiled_forward(q3, k3, v3, rh3, rw3, scale2, want_lse=False)
         return out.view(*q.shape[:-1], v.shape[-1]).to(q.dtype)
 
     # impl == "sdpa" off the CPU: fold the bias into q and k.
