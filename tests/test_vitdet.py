@@ -428,6 +428,39 @@ def test_aligned_roi_pool_matches_roi_align():
     torch.testing.assert_close(out[1:2], roi_align(feats["p3"], rois[1:2], 7, 0.125, 0, aligned=True))
 
 
+def test_roi_features_go_channels_last_on_cpu_with_the_same_head_outputs():
+    """Pooled RoI batches are channels-last on CPU in training too (faster box-head convs);
+    feature maps stay NCHW in training. The box head (convs + LayerNorm2d + fc) gives the
+    same outputs and gradients in either layout."""
+    from maedet.models.detectors.roi_heads import build_box_head
+
+    pool = MultiLevelRoIAlign(["p2", "p3"], (4, 8), 7)
+    feats = {"p2": torch.randn(1, 8, 32, 32), "p3": torch.randn(1, 8, 16, 16)}
+    boxes = [torch.tensor([[0.0, 0, 20, 20], [0, 0, 120, 120], [4, 8, 60, 40]])]
+    for training in (True, False):
+        pool.train(training)
+        out = pool(feats, boxes)
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    pyramid = SimpleFeaturePyramid(tiny_vit(), out_channels=8).train()
+    assert all(f.is_contiguous() for f in pyramid(torch.randn(1, 3, 64, 64)).values())
+
+    torch.manual_seed(0)
+    head = build_box_head(8, 7, [8, 8], [16], "LN").double()
+    x0 = torch.randn(5, 8, 7, 7, dtype=torch.float64)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = x0.clone().requires_grad_()
+        y = head(x.contiguous(memory_format=layout))
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        results.append((y.detach(), x.grad, [p.grad.clone() for p in head.parameters()]))
+        head.zero_grad()
+    (y0, gx0, gp0), (y1, gx1, gp1) = results
+    torch.testing.assert_close(y1, y0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-10, atol=1e-12)
+    for a, b in zip(gp1, gp0):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("batch,channels,channels_last", [(1, 64, False), (2, 33, True)])
 def test_threaded_roi_align_is_torchvision_bit_for_bit(batch, channels, channels_last):
     """Channel slices on two threads: forward and input gradient equal torchvision's exactly."""

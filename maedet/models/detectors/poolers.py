@@ -180,7 +180,7 @@ class MultiLevelRoIAlign(nn.Module):
         S = (self.output_size, self.output_size)
         if len(feats) == 1:
             out = roi_align_threaded(feats[0], rois, S, self.scales[0], self.sampling_ratio, self.aligned)
-            return conv_layout(out, self.training)
+            return conv_layout(out, self.training, rois=True)
         levels = assign_boxes_to_levels(
             concat, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
         )
@@ -191,4 +191,4 @@ class MultiLevelRoIAlign(nn.Module):
             if out is None:
                 out = pooled.new_zeros((rois.shape[0], feat.shape[1]) + S)
             out.index_put_((idx,), pooled.to(out.dtype))
-        return conv_layout(out, self.training)
+        return conv_layout(out, self.training, rois=True)
