@@ -228,9 +228,10 @@ def _tiled_backward(q, k, v, rel_h, rel_w, out, lse, dout, scale: float, dq, dk,
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
     tiles = _tiles(rows, n, n_keys)
     probs_buf, grad_buf = _tile_buffer(q, tiles, n_keys), _tile_buffer(q, tiles, n_keys)
+    scale2 = scale * _LOG2E
     for r0, r1, s, e in tiles:
         g, c = r1 - r0, e - s
-        p = _biased_scores(probs_buf, q, kt, rh_lse, rel_w, scale * _LOG2E, r0, r1, s, e).exp2_()
+        p = _biased_scores(probs_buf, q, kt, rh_lse, rel_w, scale2, r0, r1, s, e).exp2_()
         doc = dout[r0:r1, s:e]
         dv[r0:r1].baddbmm_(p.transpose(1, 2), doc)
         ds = grad_buf[: g * c * n_keys].view(g, c, n_keys)
