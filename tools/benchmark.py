@@ -470,7 +470,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--flops",
         action="store_true",
-        help="fvcore FLOPs and parameters; reference: matrix-product FLOPs and this machine's GEMM rate",
+        help="fvcore FLOPs and parameters; reference: matrix-product FLOPs, this machine's GEMM rate, and one "
+        "profiled run split between matrix products and everything else",
     )
     p.add_argument("--params", action="store_true", help="fvcore parameter counts")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="CUDA: device peak TFLOP/s for MFU")

@@ -20,7 +20,10 @@ the backward split at tensor boundaries (RoI + RPN heads, pyramid, every ViT blo
 With ``flops=True``, each framework's matrix products and convolutions are counted
 for one run of each task (:func:`matmul_flops`) and set against the rate of one
 large matrix product on this machine (:func:`gemm_rate`): the time the step would
-take if all its arithmetic ran at that rate and nothing else cost anything.
+take if all its arithmetic ran at that rate and nothing else cost anything. One
+more run of each is profiled (:func:`product_time`) to split its time between the
+matrix products and convolutions and everything else, which gives the rate the
+products actually reach.
 
 detectron2 is an optional, benchmark-only dependency; without it :func:`compare`
 raises :class:`ReferenceUnavailable` with the reason and how to get it.
@@ -324,6 +327,48 @@ def matmul_flops(fn: Callable[[], Any]) -> float:
     return float(counter.get_total_flops())
 
 
+# Operators whose own (self) time is matrix-product or convolution arithmetic: what
+# matmul_flops counts. Composite wrappers (linear, matmul, conv2d, ...) spend no time
+# of their own; listing them keeps a wrapper's bookkeeping out of "the rest".
+PRODUCT_OPS = frozenset(
+    f"aten::{name}"
+    for group in (
+        ("mm", "addmm", "addmm_", "_addmm_activation", "bmm", "baddbmm", "baddbmm_", "addbmm", "addbmm_"),
+        ("matmul", "linear", "einsum", "mkldnn_linear"),
+        ("conv1d", "conv2d", "conv3d", "conv_transpose2d", "convolution", "_convolution", "convolution_backward"),
+        ("mkldnn_convolution", "_slow_conv2d_forward", "_slow_conv2d_backward", "slow_conv_transpose2d"),
+        ("slow_conv_dilated2d", "_nnpack_spatial_convolution"),
+    )
+    for name in group
+)
+
+
+def product_time(fn: Callable[[], Any]) -> Dict[str, float]:
+    """Wall time of ``fn()`` under torch's CPU profiler, and the part spent inside
+    matrix products and convolutions (:data:`PRODUCT_OPS`, self time of every call
+    on the calling thread, which runs the forward and the CPU backward). The rest
+    is everything else: element-wise work, softmax, norms, copies and the page
+    faults of their fresh outputs, RoIAlign, NMS, the optimizer, Python.
+
+    Returns ``{"profiled_s", "products_s", "rest_s"}``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    tid = None
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+    events = prof.events()
+    if events:  # the thread that ran fn: the one that recorded the most events
+        counts: Dict[int, int] = {}
+        for ev in events:
+            counts[ev.thread] = counts.get(ev.thread, 0) + 1
+        tid = max(counts, key=counts.get)
+    products = sum(ev.self_cpu_time_total for ev in events if ev.name in PRODUCT_OPS and ev.thread == tid) / 1e6
+    return {"profiled_s": wall, "products_s": products, "rest_s": wall - products}
+
+
 def gemm_rate(repeats: int = 5) -> float:
     """FLOP/s of this machine's best large fp32 matrix product: a ViT-B MLP layer at
     1024 x 1024 input, (4096 x 768) @ (768 x 3072), best of ``repeats`` after one warm-up."""
@@ -374,8 +419,9 @@ def compare(
     mapped and the second reuses it unseen.
 
     With ``flops``, after the timed runs, one more run of each (framework, task)
-    is counted (:func:`matmul_flops`; ``flops``) and this machine's GEMM rate is
-    measured (:func:`gemm_rate`; ``gemm_flop_s``).
+    is counted (:func:`matmul_flops`; ``flops``), one more is profiled
+    (:func:`product_time`: ``profiled_s``, ``products_s``, ``rest_s``), and this
+    machine's GEMM rate is measured (:func:`gemm_rate`; ``gemm_flop_s``).
     """
     _check_available(device)
     sides, info = _build_sides(cfg, amp, instances, stages)
@@ -403,12 +449,15 @@ def compare(
                         s.stage_runs[task].clear()  # warm-up runs are not profiled
                     rec[(s.name, task)]["out"] = out
         counted: Dict[Tuple[str, str], float] = {}
+        split: Dict[Tuple[str, str], Dict[str, float]] = {}
         if flops:
             for s in sides:
                 clock, s.clock = s.clock, None  # the counted runs stay out of the stage medians
                 try:
                     for task in TASKS:
-                        counted[(s.name, task)] = matmul_flops(s.train_step if task == "train" else s.infer_step)
+                        run = s.train_step if task == "train" else s.infer_step
+                        counted[(s.name, task)] = matmul_flops(run)
+                        split[(s.name, task)] = product_time(run)
                 finally:
                     s.clock = clock
             rate = gemm_rate()
@@ -433,6 +482,7 @@ def compare(
             entry["losses" if task == "train" else "detections"] = rr["out"]
             if counted:
                 entry["flops"], entry["gemm_flop_s"] = counted[(s.name, task)], rate
+                entry.update(split[(s.name, task)])
             runs = s.stage_runs[task]
             if runs:
                 keys = sorted({k for run in runs for k in run})
@@ -505,6 +555,24 @@ def format_comparison(results: List[Dict[str, Any]]) -> List[str]:
         )
         lines.append(
             f"| {label}: share of the time at that rate | {fd / d['s_per_iter']:.0%} | {fm / m['s_per_iter']:.0%} | |"
+        )
+        if "products_s" not in d or "products_s" not in m:
+            continue
+        lines.append(
+            f"| {label}, one profiled run (s) | {d['profiled_s']:.2f} | {m['profiled_s']:.2f} | "
+            f"{m['profiled_s'] / d['profiled_s']:.2f}x |"
+        )
+        lines.append(
+            f"| of which in matrix products + convolutions (s) | {d['products_s']:.2f} | {m['products_s']:.2f} | "
+            f"{m['products_s'] / d['profiled_s']:.2f}x of detectron2's profiled run |"
+        )
+        lines.append(
+            f"| of which everything else (s) | {d['rest_s']:.2f} | {m['rest_s']:.2f} | "
+            f"{m['rest_s'] / d['profiled_s']:.2f}x of detectron2's profiled run |"
+        )
+        lines.append(
+            f"| rate achieved in the products (GFLOP/s) | {d['flops'] / d['products_s'] / 1e9:.0f} | "
+            f"{m['flops'] / m['products_s'] / 1e9:.0f} | |"
         )
     for task in ("train", "infer"):
         d, m = by[("detectron2", task)].get("stages_s"), by[("maedet", task)].get("stages_s")
