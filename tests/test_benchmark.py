@@ -294,7 +294,7 @@ def test_stage_clock_books_exclusive_forward_times_and_backward_segments():
 def test_matmul_flops_counts_products_and_convolutions_forward_and_backward():
     import torch
 
-    from maedet.benchmark.reference import matmul_flops
+    from maedet.benchmark.arithmetic import matmul_flops
 
     a, b = torch.randn(2, 8, 16), torch.randn(2, 16, 4)
     x = torch.randn(1, 3, 8, 8, requires_grad=True)
@@ -313,7 +313,7 @@ def test_matmul_flops_counts_products_and_convolutions_forward_and_backward():
 def test_product_time_splits_the_run_between_products_and_the_rest():
     import torch
 
-    from maedet.benchmark.reference import product_time
+    from maedet.benchmark.arithmetic import product_time
 
     a = torch.randn(384, 384)
     x = torch.randn(1, 8, 32, 32, requires_grad=True)
