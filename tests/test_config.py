@@ -137,3 +137,63 @@ def test_total_batch_size_means_the_global_batch_in_both_trainers(kind, monkeypa
     cfg = load(["train.total_batch_size=16", "train.accum_steps=1"])
     with pytest.raises(ConfigError, match=r"train.total_batch_size=16 is not divisible by 3 processes x 1"):
         trainer_builder.per_process_batch(cfg.train)
+
+
+def _detection_configs():
+    root = os.path.join(REPO, "configs")
+    for sub in sorted(os.listdir(root)):
+        for name in sorted(os.listdir(os.path.join(root, sub))):
+            path = os.path.join(root, sub, name)
+            with open(path) as f:
+                text = f.read()
+            if name.endswith(".yaml") and "mask_rcnn" in name:
+                yield os.path.relpath(path, root)
+            else:
+                assert "neck" not in text or name == "cascade_roi_heads.yaml", f"{path} not checked"
+
+
+@pytest.mark.parametrize("name", list(_detection_configs()))
+def test_shipped_detection_configs_pad_to_their_training_crop_and_test_at_it(name, caplog):
+    """ViTDet's geometry in every shipped config: the square the batches are padded to is
+    the LSJ crop, and the test resize's longer side is that square (no warning either)."""
+    from omegaconf import OmegaConf
+
+    from maedet.builders import load_detection_config
+    from maedet.builders.config import check_input_geometry
+
+    cfg = load_detection_config(os.path.join(REPO, "configs", name), [], splits=())
+    square = cfg.model.neck.square_pad
+    assert square == cfg.data.train.pipeline.image_size == cfg.data.test.pipeline.max_size
+    with caplog.at_level("WARNING", logger="maedet"):
+        check_input_geometry(OmegaConf.to_container(cfg), train=True)
+    assert not [r for r in caplog.records if "square_pad" in r.getMessage()]
+
+
+def _toy_config(overrides):
+    from maedet.builders import load_detection_config
+
+    files = ["data.train.json=t.json", "data.train.images=imgs", "data.test.json=v.json", "data.test.images=imgs"]
+    path = os.path.join(REPO, "configs", "quickstart", "mask_rcnn_vit_tiny.yaml")
+    return load_detection_config(path, files + overrides)
+
+
+def test_square_pad_other_than_the_training_crop_is_refused_naming_both_keys():
+    # the fruits_nuts recipe as it was: 320-px LSJ crops padded to 448 (held-out AP / 4)
+    with pytest.raises(ConfigError) as e:
+        _toy_config(["model.neck.square_pad=256"])
+    msg = str(e.value)
+    assert "model.neck.square_pad=256" in msg and "data.train.pipeline.image_size=192" in msg
+    assert "top-left corner" in msg
+    with pytest.raises(ConfigError, match=r"square_pad=128 differs from data.train.pipeline.image_size=192"):
+        _toy_config(["model.neck.square_pad=128", "data.test.pipeline.max_size=128"])
+    # matched: loads
+    cfg = _toy_config(["model.neck.square_pad=256", "data.train.pipeline.image_size=256"])
+    assert cfg.model.neck.square_pad == 256
+
+
+def test_test_resize_other_than_the_square_warns_naming_both_keys(caplog):
+    with caplog.at_level("WARNING", logger="maedet"):
+        _toy_config(["data.test.pipeline.max_size=256"])
+    (record,) = [r for r in caplog.records if "square_pad" in r.getMessage()]
+    assert "data.test.pipeline.max_size=256" in record.getMessage()
+    assert "model.neck.square_pad=192" in record.getMessage()

@@ -20,10 +20,17 @@ from maedet.config.loader import check_complete, check_ranges, load_config
 from maedet.config.params import signature_schema
 from maedet.config.schema import PLUGIN_SECTIONS, DetectionConfig, PretrainConfig
 from maedet.data.catalog import DatasetCatalog
+from maedet.data.transforms import max_output_side
 from maedet.utils import registry
 from maedet.utils.errors import ConfigError, MaedetError
 
-__all__ = ["load_detection_config", "load_pretrain_config", "resolve_section", "resolve_split"]
+__all__ = [
+    "check_input_geometry",
+    "load_detection_config",
+    "load_pretrain_config",
+    "resolve_section",
+    "resolve_split",
+]
 
 logger = logging.getLogger("maedet")
 
@@ -118,6 +125,49 @@ def _freeze(container: Dict[str, Any], schema) -> DictConfig:
     return cfg
 
 
+def check_input_geometry(container: Dict[str, Any], train: bool = True) -> None:
+    """The images the pipelines make against the square the detector pads them to.
+
+    ViTDet pads every batch to ``model.neck.square_pad`` and trains on LSJ crops of
+    exactly that size (1024 and 1024), so a training image fills its square. A larger
+    square pads every training image, its content always in the top-left corner, and
+    the model learns that geometry instead of the objects: held-out AP drops several
+    times while the training images are still fitted. That is refused (``train``).
+    A test resize whose longer side differs from the square gets a warning: it is a
+    valid choice (another test scale) but not the recipe's.
+
+    Args:
+        container: the resolved config as a dict (plug-in sections resolved).
+        train: check the training pipeline too (off where only evaluation runs).
+    Raises:
+        ConfigError: the training pipeline's largest side differs from the square; the
+            message names both keys.
+    """
+    square = int(_get(container, "model.neck").get("square_pad", 0) or 0)
+    if square <= 0:
+        return
+    train_side = max_output_side(_get(container, "data.train.pipeline")) if train else None
+    if train_side is not None and train_side[1] != square:
+        key, side = train_side
+        why = (
+            f"every training image would be padded to {square} x {square} with its content in the top-left corner"
+            if side < square
+            else f"training images of up to {side} px exceed the {square} square"
+        )
+        raise ConfigError(
+            f"model.neck.square_pad={square} differs from data.train.pipeline.{key}={side}: {why}; "
+            f"set both to the same size (ViTDet pads to its LSJ crop: 1024 and 1024)"
+        )
+    test_side = max_output_side(_get(container, "data.test.pipeline"))
+    if test_side is not None and test_side[1] != square:
+        key, side = test_side
+        logger.warning(
+            f"data.test.pipeline.{key}={side} differs from model.neck.square_pad={square}: test images "
+            f"are {'padded more' if side < square else 'larger'} than the training inputs "
+            f"(ViTDet tests at a longer side equal to the square)"
+        )
+
+
 def load_detection_config(
     path: str, overrides: Optional[List[str]] = None, splits: Sequence[str] = ("train", "test")
 ) -> DictConfig:
@@ -134,6 +184,7 @@ def load_detection_config(
         _set(container, key, resolve_section(_get(container, key), key, getattr(registry, reg_name), builder_keys))
     for split in splits:
         _set(container, f"data.{split}", resolve_split(_get(container, f"data.{split}"), f"data.{split}"))
+    check_input_geometry(container, train="train" in splits)
     return _freeze(container, DetectionConfig)
 
 

@@ -7,7 +7,10 @@ variables read at that moment:
   ``coco_2017_train``, ``coco_2017_val`` (standard COCO layout) and ``toy_train``,
   ``toy_val`` (written by ``datasets/prepare_toy.py``);
 - ``$MAEDET_TEST_DATA`` (default ``../shared/data`` next to the repository root):
-  ``coco_mini_train``, ``coco_mini_val``, ``coco128``, ``fruits_nuts``.
+  ``coco_mini_train``, ``coco_mini_val``, ``coco128``, ``fruits_nuts``;
+- both: ``fruits_nuts_train`` and ``fruits_nuts_heldout``, disjoint photos of
+  ``fruits_nuts`` (jsons written by ``datasets/split_coco.py`` under
+  ``$MAEDET_DATASETS/fruits_nuts_split``, images from ``$MAEDET_TEST_DATA``).
 
 Register your own data with ``DatasetCatalog.register(name, json_file, image_root)``.
 """
@@ -40,6 +43,10 @@ def _under_test_data(json_rel: str, images_rel: str) -> Callable[[], Tuple[str, 
     return lambda: (os.path.join(test_data_root(), json_rel), os.path.join(test_data_root(), images_rel))
 
 
+def _split_of_test_data(json_rel: str, images_rel: str) -> Callable[[], Tuple[str, str]]:
+    return lambda: (os.path.join(datasets_root(), json_rel), os.path.join(test_data_root(), images_rel))
+
+
 _BUILTINS: Dict[str, Callable[[], Tuple[str, str]]] = {
     "coco_2017_train": _under_datasets("coco/annotations/instances_train2017.json", "coco/train2017"),
     "coco_2017_val": _under_datasets("coco/annotations/instances_val2017.json", "coco/val2017"),
@@ -49,6 +56,16 @@ _BUILTINS: Dict[str, Callable[[], Tuple[str, str]]] = {
     "coco_mini_val": _under_test_data("coco_mini/annotations/instances_val2017.json", "coco_mini/val2017"),
     "coco128": _under_test_data("coco128/annotations/instances_train2017.json", "coco128/train2017"),
     "fruits_nuts": _under_test_data("fruits_nuts/trainval.json", "fruits_nuts/images"),
+    "fruits_nuts_train": _split_of_test_data("fruits_nuts_split/annotations/train.json", "fruits_nuts/images"),
+    "fruits_nuts_heldout": _split_of_test_data("fruits_nuts_split/annotations/heldout.json", "fruits_nuts/images"),
+}
+
+# Built-in sets that a script writes: named in the error when their files are missing.
+_MADE_BY = {
+    "toy_train": "python datasets/prepare_toy.py",
+    "toy_val": "python datasets/prepare_toy.py",
+    "fruits_nuts_train": "python datasets/split_coco.py",
+    "fruits_nuts_heldout": "python datasets/split_coco.py",
 }
 
 
@@ -102,7 +119,8 @@ class _DatasetCatalog:
         entry = self._entries[name]
         json_file, image_root = entry() if callable(entry) else entry
         if not os.path.isfile(json_file):
-            raise DatasetError(f"annotation file not found: {json_file} (dataset {name})")
+            hint = f"; write it with: {_MADE_BY[name]}" if name in _MADE_BY and callable(entry) else ""
+            raise DatasetError(f"annotation file not found: {json_file} (dataset {name}){hint}")
         if not os.path.isdir(image_root):
             raise DatasetError(f"image folder not found: {image_root} (dataset {name})")
         return json_file, image_root

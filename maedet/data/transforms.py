@@ -19,12 +19,15 @@ Built-in pipelines:
   ``ResizeShortestEdge(short_edge_length, max_size)``).
 
 A new pipeline is a function returning a callable, registered with
-``@PIPELINES.register("name")``; its keyword arguments are its config keys.
+``@PIPELINES.register("name")``; its keyword arguments are its config keys. A
+pipeline whose images never exceed a size given by one of its keys says so with
+``@declares_max_side(key)``: the config loader then checks that size against the
+detector's square padding (:func:`max_output_side`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -49,6 +52,8 @@ __all__ = [
     "lsj",
     "resize_shortest_edge",
     "masks_to_tight_boxes",
+    "declares_max_side",
+    "max_output_side",
 ]
 
 # ImageNet statistics of [0, 1] RGB images (the MAE pretraining normalization).
@@ -227,12 +232,38 @@ class BoxesFromMasks(torch.nn.Module):
         return image, target
 
 
+def declares_max_side(key: str) -> Callable:
+    """Mark a pipeline factory whose keyword ``key`` bounds the longer side of every image it
+    returns, so that the input geometry can be checked at start-up (:func:`max_output_side`)."""
+
+    def deco(fn: Callable) -> Callable:
+        fn.max_side_key = key
+        return fn
+
+    return deco
+
+
+def max_output_side(section: Mapping[str, Any]) -> Optional[Tuple[str, int]]:
+    """The key and value that bound the longer side of a pipeline's images, e.g.
+    ``("image_size", 1024)`` for ``lsj``; None for a pipeline that declares no bound.
+
+    Args:
+        section: a resolved pipeline section, ``{"name": ..., **kwargs}``.
+    """
+    fn = PIPELINES.get(str(section["name"]))
+    key = getattr(fn, "max_side_key", None)
+    if key is None or key not in section:
+        return None
+    return key, int(section[key])
+
+
 def _get_labels(inputs) -> torch.Tensor:
     """``labels_getter`` for ``SanitizeBoundingBoxes`` on ``(image, target)``."""
     return inputs[1]["labels"]
 
 
 @PIPELINES.register("lsj")
+@declares_max_side("image_size")
 def lsj(image_size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0, hflip: bool = True) -> v2.Compose:
     """Large-scale jitter (ViTDet's training augmentation, detectron2's LSJ loader).
 
@@ -259,6 +290,7 @@ def lsj(image_size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0, 
 
 
 @PIPELINES.register("resize_shortest_edge")
+@declares_max_side("max_size")
 def resize_shortest_edge(short_edge_length: int = 1024, max_size: int = 1024) -> v2.Compose:
     """Test-time resize (see :class:`ResizeShortestEdge`); the target's ``orig_size``
     keeps the file's size so that predictions can be mapped back."""
