@@ -125,7 +125,7 @@ def _freeze(container: Dict[str, Any], schema) -> DictConfig:
     return cfg
 
 
-def check_input_geometry(container: Dict[str, Any], train: bool = True) -> None:
+def check_input_geometry(container: Dict[str, Any], train: bool = True, test: bool = True) -> None:
     """The images the pipelines make against the square the detector pads them to.
 
     ViTDet pads every batch to ``model.neck.square_pad`` and trains on LSJ crops of
@@ -138,7 +138,8 @@ def check_input_geometry(container: Dict[str, Any], train: bool = True) -> None:
 
     Args:
         container: the resolved config as a dict (plug-in sections resolved).
-        train: check the training pipeline too (off where only evaluation runs).
+        train: check the training pipeline (off where only evaluation runs).
+        test: check the test resize (off where no dataset is evaluated: converter, Predictor).
     Raises:
         ConfigError: the training pipeline's largest side differs from the square; the
             message names both keys.
@@ -158,7 +159,7 @@ def check_input_geometry(container: Dict[str, Any], train: bool = True) -> None:
             f"model.neck.square_pad={square} differs from data.train.pipeline.{key}={side}: {why}; "
             f"set both to the same size (ViTDet pads to its LSJ crop: 1024 and 1024)"
         )
-    test_side = max_output_side(_get(container, "data.test.pipeline"))
+    test_side = max_output_side(_get(container, "data.test.pipeline")) if test else None
     if test_side is not None and test_side[1] != square:
         key, side = test_side
         logger.warning(
@@ -184,7 +185,7 @@ def load_detection_config(
         _set(container, key, resolve_section(_get(container, key), key, getattr(registry, reg_name), builder_keys))
     for split in splits:
         _set(container, f"data.{split}", resolve_split(_get(container, f"data.{split}"), f"data.{split}"))
-    check_input_geometry(container, train="train" in splits)
+    check_input_geometry(container, train="train" in splits, test="test" in splits)
     return _freeze(container, DetectionConfig)
 
 
