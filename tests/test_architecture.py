@@ -17,6 +17,7 @@ PKG = os.path.join(REPO, "maedet")
 LAYERS = {
     "utils": 0,
     "config": 1,
+    "structures": 1,
     "models": 2,
     "data": 2,
     "checkpoint": 2,

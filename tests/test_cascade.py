@@ -136,7 +136,7 @@ def test_gradient_into_the_features_is_scaled_by_one_over_the_stages(monkeypatch
         feats = {k: v.clone().requires_grad_(True) for k, v in features().items()}
         torch.manual_seed(3)
         losses = heads(feats, proposals, [(128, 128)], gt)
-        assert set(losses) == {f"loss_{n}_stage{k}" for n in ("classifier", "box_reg") for k in range(3)}
+        assert set(losses) == {f"loss_{n}_stage{k}" for n in ("cls", "box_reg") for k in range(3)}
         sum(losses.values()).backward()
         return torch.cat([feats[k].grad.flatten() for k in ("p2", "p3", "p4", "p5")])  # the pooled levels
 

@@ -33,6 +33,7 @@ from maedet.data import (
 )
 from maedet.data.coco import decode_masks
 from maedet.data.transforms import masks_to_tight_boxes
+from maedet.structures import PolygonMasks
 from maedet.utils.errors import DatasetError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,10 +73,11 @@ def write_json(path, data):
 # --------------------------------------------------------------------------- transforms
 
 
-def test_lsj_output_size_and_boxes_are_tight_boxes_of_masks(coco128_root):
+@pytest.mark.parametrize("mask_format", ["polygon", "bitmask"])
+def test_lsj_output_size_and_boxes_are_tight_boxes_of_masks(coco128_root, mask_format):
     json_file, image_root = coco128_paths(coco128_root)
     size = 256
-    ds = CocoInstanceDataset(json_file, image_root, transforms=lsj(size, 0.1, 2.0))
+    ds = CocoInstanceDataset(json_file, image_root, transforms=lsj(size, 0.1, 2.0), mask_format=mask_format)
     seeded = SeededDataset(ds)
     total, cropped = 0, 0
     for i in range(0, 40, 4):
@@ -88,11 +90,19 @@ def test_lsj_output_size_and_boxes_are_tight_boxes_of_masks(coco128_root):
             cropped += max(h, w) == size
             masks, boxes, labels = target["masks"], target["boxes"], target["labels"]
             n = labels.shape[0]
-            assert masks.shape == (n, h, w) and boxes.shape == (n, 4)
+            assert len(masks) == n and boxes.shape == (n, 4)
             assert tuple(boxes.canvas_size) == (h, w)
-            if n:
+            if mask_format == "polygon":
+                # polygons clipped to the crop window; boxes are their extent (detectron2's recompute_boxes)
+                assert isinstance(masks, PolygonMasks) and bool(masks.nonempty().all())
+                assert torch.equal(plain(boxes), masks.bounding_boxes())
+                for inst in masks.polygons:
+                    for p in inst:
+                        assert p[0::2].min() >= 0 and p[0::2].max() <= size and p[1::2].max() <= size
+            elif n:
                 assert bool(masks.flatten(1).any(1).all()), "empty instance masks must be dropped"
                 assert torch.equal(plain(boxes), masks_to_tight_boxes(masks))
+            if n:
                 assert int(labels.min()) >= 1 and int(labels.max()) <= ds.num_classes
             total += n
     assert total > 0 and cropped > 0
@@ -194,7 +204,9 @@ def test_test_transform_resizes_keeping_aspect(coco128_root):
     out, t = resize_shortest_edge(short_edge_length=256, max_size=320)(image, target)
     assert tuple(out.shape) == (3, 240, 320)  # long side capped: scale 0.5
     assert torch.allclose(plain(t["boxes"]), plain(target["boxes"]) * 0.5, atol=1e-3)
-    assert tuple(t["masks"].shape[-2:]) == (240, 320) and t["orig_size"] == (480, 640)
+    assert t["orig_size"] == (480, 640)
+    for before, after in zip(target["masks"].polygons, t["masks"].polygons):  # polygons move with the image
+        assert all(np.allclose(q, p * 0.5) for p, q in zip(before, after))
     out, _ = resize_shortest_edge(short_edge_length=1024, max_size=1024)(image, target)
     assert tuple(out.shape[-2:]) == (768, 1024)
     out, _ = resize_shortest_edge(short_edge_length=240, max_size=1000)(image, target)
@@ -232,7 +244,7 @@ def test_crowd_annotations_never_become_targets(coco128_root):
     for iid in crowd_images:
         _, target = ds[ds.image_ids.index(iid)]
         assert target["labels"].shape[0] == non_crowd.get(iid, 0)
-        assert target["masks"].shape[0] == target["boxes"].shape[0] == target["labels"].shape[0]
+        assert len(target["masks"]) == target["boxes"].shape[0] == target["labels"].shape[0]
     # crowd regions stay available to the evaluator
     assert sum(a["iscrowd"] for a in ds.coco.anns.values()) == 10
 
@@ -245,7 +257,7 @@ def test_grayscale_image_loads_as_three_channels(coco128_root):
     json_file, image_root = coco128_paths(coco128_root)
     ds = CocoInstanceDataset(json_file, image_root)
     image, target = ds[ds.image_ids.index(86)]
-    assert image.shape[0] == 3 and target["masks"].shape[-2:] == image.shape[-2:]
+    assert image.shape[0] == 3 and len(target["masks"]) == len(target["labels"]) > 0
 
 
 def test_images_without_annotations_skipped_in_training_kept_in_eval(coco128_root):
@@ -279,8 +291,8 @@ def test_fruits_nuts_custom_dataset(fruits_nuts_root):
     image, target = ds[0]
     assert target["image_id"] == 0 and tuple(image.shape) == (3, 600, 800)
     n = target["labels"].shape[0]
-    assert n > 0 and target["masks"].shape == (n, 600, 800)
-    assert bool(target["masks"].flatten(1).any(1).all())
+    assert n > 0 and isinstance(target["masks"], PolygonMasks) and len(target["masks"]) == n
+    assert bool(target["masks"].to_bitmasks(600, 800).flatten(1).any(1).all())
     assert set(target["labels"].tolist()) <= {1, 2, 3}
     # loadRes (used by COCOeval) works although the json has no "info"
     res = ds.coco.loadRes([{"image_id": 0, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9}])
@@ -694,3 +706,21 @@ def test_prepare_toy_script(tmp_path):
         data = json.load(f)
     assert len(data["images"]) == 3 and len(os.listdir(os.path.join(out, "val"))) == 1
     assert copy.deepcopy(data["categories"])[0]["name"] == "circle"
+
+
+@pytest.mark.parametrize("mask_format", ["polygon", "bitmask"])
+def test_config_mask_format_reaches_the_training_set(fruits_nuts_root, mask_format):
+    from maedet.builders import load_detection_config
+    from maedet.builders.data import build_detection_dataset
+
+    cfg = load_detection_config(
+        os.path.join(REPO_ROOT, "configs", "quickstart", "mask_rcnn_vit_tiny_fruits_nuts.yaml"),
+        [f"data.train.mask_format={mask_format}", "data.check_images=false"],
+        splits=("train",),
+    )
+    _, target = build_detection_dataset(cfg.data, "train", train=True)[0]
+    masks = target["masks"]
+    if mask_format == "polygon":
+        assert isinstance(masks, PolygonMasks) and len(masks) == len(target["labels"]) > 0
+    else:
+        assert isinstance(masks, tv_tensors.Mask) and masks.shape[0] == len(target["labels"]) > 0

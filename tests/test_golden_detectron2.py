@@ -223,3 +223,11 @@ def test_bf16_autocast_decodes_and_pastes_in_float32(golden):
         ref = model([resized])[0]
     iou = pairwise_iou(det["boxes"][:20], ref["boxes"])
     assert (iou.max(1).values > 0.9).float().mean() >= 0.8  # the heads' own rounding moves a few
+    # pasting under bf16 autocast samples in float32: bf16 probabilities give the same masks
+    # as the same values pasted outside autocast
+    size = tuple(resized.shape[-2:])
+    probs = det["mask_probs"].to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pasted = paste_masks_in_image(probs, det["boxes"], size)
+    assert torch.equal(pasted, paste_masks_in_image(probs.float(), det["boxes"], size))
+    assert int(pasted.sum()) > 1000

@@ -116,9 +116,9 @@ def test_rpn_losses_are_normalized_by_256_times_images():
     sampled = labels >= 0
     assert int(sampled.sum()) < 2 * 256  # fewer anchors than the 256 per image the normalizer counts
     bce = F.binary_cross_entropy_with_logits(logits[sampled], labels[sampled], reduction="sum")
-    torch.testing.assert_close(losses["loss_objectness"], bce / (256 * 2))
+    torch.testing.assert_close(losses["loss_rpn_cls"], bce / (256 * 2))
     pos = labels == 1
     target = torch.stack([rpn.box_transform.get_deltas(anchors, m) for m in matched])
     l1 = (deltas[pos] - target[pos]).abs().sum()
-    torch.testing.assert_close(losses["loss_rpn_box_reg"], l1 / (256 * 2))
-    assert pos.sum() > 0 and not torch.isclose(losses["loss_objectness"], bce / sampled.sum())
+    torch.testing.assert_close(losses["loss_rpn_loc"], l1 / (256 * 2))
+    assert pos.sum() > 0 and not torch.isclose(losses["loss_rpn_cls"], bce / sampled.sum())

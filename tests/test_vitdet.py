@@ -501,7 +501,7 @@ def test_mask_rcnn_train_losses_backward_and_eval():
     imgs, targets = toy_batch()
     model.train()
     losses = model(imgs, targets)
-    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"}
     for k, v in losses.items():
         assert torch.isfinite(v) and v.dim() == 0, k
     sum(losses.values()).backward()

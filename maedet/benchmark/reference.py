@@ -241,14 +241,16 @@ class _Side:
 
 
 def _d2_train_inputs(images, targets):
-    from detectron2.structures import BitMasks, Boxes, Instances
+    from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
     batch = []
     for im, t in zip(images, targets):
         inst = Instances(tuple(im.shape[-2:]))
         inst.gt_boxes = Boxes(t["boxes"].float())
         inst.gt_classes = t["labels"] - 1  # detectron2: 0..K-1 (maedet: 1..K, 0 = background)
-        inst.gt_masks = BitMasks(t["masks"].bool())
+        masks = t["masks"]
+        polygons = getattr(masks, "polygons", None)  # maedet.structures.PolygonMasks
+        inst.gt_masks = PolygonMasks(polygons) if polygons is not None else BitMasks(masks.bool())
         batch.append({"image": im, "instances": inst})
     return batch
 

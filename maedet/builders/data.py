@@ -63,7 +63,7 @@ def build_detection_dataset(
     """
     s = data_cfg[split]
     name = s.name or os.path.basename(s.json)
-    kwargs = dict(dataset_name=name, strict=s.strict, filter_empty=train, load_targets=train)
+    kwargs = dict(dataset_name=name, strict=s.strict, filter_empty=train, load_targets=train, mask_format=s.mask_format)
     ds = CocoInstanceDataset(s.json, s.images, **kwargs)
     if data_cfg.check_images if check is None else check:
         bad_ids = _check_coco_images(ds, f"{split} images of {name}", data_cfg.on_bad_image, "data.on_bad_image")

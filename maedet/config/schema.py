@@ -43,6 +43,7 @@ __all__ = [
 
 AmpMode = Literal["auto", "off", "bf16", "fp16"]
 OnBadImage = Literal["fail", "skip"]
+MaskFormat = Literal["polygon", "bitmask"]
 
 
 def bounded(
@@ -216,6 +217,10 @@ class DatasetSplitConfig:
     # false: invalid annotations (non-positive box, box outside the image, degenerate
     # segmentation) are dropped with a counted warning instead of stopping the run
     strict: bool = True
+    # training masks: "polygon" keeps an image's COCO polygons through the augmentation and
+    # rasterizes them per RoI (detectron2's default; images with an RLE instance use bitmaps);
+    # "bitmask" rasterizes every instance at image size first
+    mask_format: MaskFormat = "polygon"
     pipeline: Dict[str, Any] = _plugin("lsj")
 
 

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Literal, Optional, Set
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
 from maedet.data.images import read_image_rgb
+from maedet.structures import PolygonMasks
 from maedet.utils.errors import DatasetError
 
 __all__ = ["load_coco_json", "CocoInstanceDataset"]
@@ -254,13 +255,18 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         strict: see :func:`load_coco_json`.
         load_targets: decode boxes, labels and masks (training); False (evaluation)
             gives targets with ``image_id`` and ``orig_size`` only.
+        mask_format: ``"polygon"`` (detectron2's default): an image whose instances are
+            all polygons gets :class:`~maedet.structures.PolygonMasks`, transformed as
+            polygons and rasterized per RoI; an image with an RLE instance gets bitmaps
+            for all its instances. ``"bitmask"``: always bitmaps.
 
     ``dataset[i]`` returns ``(image, target)`` (before ``transforms``):
 
     - ``image``: ``tv_tensors.Image`` uint8 ``(3, H, W)``, RGB;
     - ``target["boxes"]``: ``tv_tensors.BoundingBoxes`` float32 ``(N, 4)``, XYXY, canvas ``(H, W)``;
     - ``target["labels"]``: int64 ``(N,)`` in ``1..K``;
-    - ``target["masks"]``: ``tv_tensors.Mask`` uint8 ``(N, H, W)`` with values 0/1;
+    - ``target["masks"]``: :class:`~maedet.structures.PolygonMasks` of N instances, or
+      ``tv_tensors.Mask`` uint8 ``(N, H, W)`` with values 0/1 (see ``mask_format``);
     - ``target["image_id"]``: ``int``, the COCO image id;
     - ``target["orig_size"]``: ``(H, W)`` ints, the size of the image file.
 
@@ -278,7 +284,11 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         dataset_name: Optional[str] = None,
         strict: bool = True,
         load_targets: bool = True,
+        mask_format: Literal["polygon", "bitmask"] = "polygon",
     ):
+        if mask_format not in ("polygon", "bitmask"):
+            raise ValueError(f"mask_format must be 'polygon' or 'bitmask', got {mask_format!r}")
+        self.mask_format = mask_format
         self.json_file, self.image_root, self.dataset_name = json_file, image_root, dataset_name
         self.transforms, self.filter_empty, self.load_targets = transforms, filter_empty, load_targets
         where = json_file if dataset_name is None else f"{json_file} (dataset {dataset_name})"
@@ -349,16 +359,20 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
             boxes = boxes.to(torch.float32)
-            masks = torch.from_numpy(decode_masks([self.coco.annToRLE(a) for a in anns], height, width))
+            if self.mask_format == "polygon" and all(isinstance(a["segmentation"], list) for a in anns):
+                masks = PolygonMasks([a["segmentation"] for a in anns])
+            else:
+                rles = [self.coco.annToRLE(a) for a in anns]
+                masks = tv_tensors.Mask(torch.from_numpy(decode_masks(rles, height, width)))
             labels = torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
         else:
             boxes = torch.zeros((0, 4), dtype=torch.float32)
-            masks = torch.zeros((0, height, width), dtype=torch.uint8)
+            masks = tv_tensors.Mask(torch.zeros((0, height, width), dtype=torch.uint8))
             labels = torch.zeros((0,), dtype=torch.int64)
         return {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
             "labels": labels,
-            "masks": tv_tensors.Mask(masks.to(torch.uint8)),
+            "masks": masks,
             "image_id": int(iid),
             "orig_size": (int(height), int(width)),
         }

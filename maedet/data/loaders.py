@@ -37,7 +37,7 @@ def _plain_target(target: Dict[str, Any]) -> Dict[str, Any]:
         out["boxes"] = out["boxes"].to(torch.float32).reshape(-1, 4)
     if "labels" in out:
         out["labels"] = out["labels"].to(torch.int64)
-    if "masks" in out:
+    if isinstance(out.get("masks"), torch.Tensor):
         out["masks"] = out["masks"].to(torch.uint8)
     return out
 
@@ -55,8 +55,9 @@ def collate_detection_train(
     """``[((image, target), seed), ...]`` -> ``(images, targets, seeds int64 (B,))``.
 
     Images are plain tensors as the transform produced them (uint8 ``(3, S, S)`` with
-    LSJ); targets hold plain tensors: ``boxes`` float32 ``(N, 4)``, ``labels`` int64
-    ``(N,)``, ``masks`` uint8 ``(N, S, S)``, plus ``image_id`` and ``orig_size``.
+    LSJ); targets hold ``boxes`` float32 ``(N, 4)``, ``labels`` int64 ``(N,)``, ``masks``
+    (:class:`~maedet.structures.PolygonMasks` or uint8 ``(N, S, S)``), plus ``image_id``
+    and ``orig_size``.
     """
     images = [_plain(sample[0]) for sample, _ in batch]
     targets = [_plain_target(sample[1]) for sample, _ in batch]

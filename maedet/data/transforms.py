@@ -3,18 +3,18 @@
 Detection pipelines take and return ``(image, target)`` where ``image`` is a
 ``tv_tensors.Image`` uint8 (3, H, W) and ``target`` the dict of
 :class:`maedet.data.coco.CocoInstanceDataset` (``boxes`` as ``BoundingBoxes``,
-``masks`` as ``Mask``); ``torchvision.transforms.v2`` moves boxes and masks with
-the image. Images are resized with PIL's bilinear filter on the uint8 pixels, as
-detectron2's ``ResizeTransform`` does, so the pixels match detectron2's exactly;
-masks are resized with nearest neighbour. Randomness comes from torch's global
-generator, which :class:`maedet.data.samplers.SeededDataset` seeds per sample.
+``masks`` as :class:`~maedet.structures.PolygonMasks` or a bitmap ``Mask``).
+Images are resized with PIL's bilinear filter on the uint8 pixels, as detectron2's
+``ResizeTransform`` does, so the pixels match detectron2's exactly. Randomness
+comes from torch's global generator, which :class:`maedet.data.samplers.SeededDataset`
+seeds per sample.
 
 Built-in pipelines:
 
 - ``lsj``: ViTDet's large-scale jitter for training (detectron2
-  ``RandomFlip`` + ``ResizeScale`` + ``FixedSizeCrop(pad=False)``): the image is
-  left at the top-left corner, never padded; the detector pads the batch
-  bottom/right to its square;
+  ``RandomFlip`` + ``ResizeScale`` + ``FixedSizeCrop(pad=False)``,
+  :class:`LargeScaleJitter`): the image is left at the top-left corner, never
+  padded; the detector pads the batch bottom/right to its square;
 - ``resize_shortest_edge``: ViTDet's test-time resize (detectron2
   ``ResizeShortestEdge(short_edge_length, max_size)``).
 
@@ -27,6 +27,7 @@ detector's square padding (:func:`max_output_side`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -37,6 +38,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size
 
+from maedet.structures import PolygonMasks
 from maedet.utils.registry import PIPELINES
 
 __all__ = [
@@ -46,9 +48,8 @@ __all__ = [
     "resize_image_pil",
     "shortest_edge_size",
     "ResizeShortestEdge",
-    "ResizeScale",
-    "FixedSizeCrop",
-    "BoxesFromMasks",
+    "LSJParams",
+    "LargeScaleJitter",
     "lsj",
     "resize_shortest_edge",
     "masks_to_tight_boxes",
@@ -99,17 +100,22 @@ def resize_image_pil(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor
 
 
 class _Resize(v2.Transform):
-    """Base of the resizes: images with PIL bilinear (uint8), masks nearest, boxes scaled."""
+    """Base of the resizes: images with PIL bilinear (uint8), masks nearest, boxes scaled,
+    polygons moved (:meth:`PolygonMasks.resize`)."""
+
+    _transformed_types = (torch.Tensor, Image.Image, PolygonMasks)
 
     def output_size(self, h: int, w: int) -> Tuple[int, int]:
         raise NotImplementedError
 
     def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
         h, w = query_size(flat_inputs)
-        return {"size": self.output_size(int(h), int(w))}
+        return {"size": self.output_size(int(h), int(w)), "input_size": (int(h), int(w))}
 
     def transform(self, inpt: Any, params: Dict[str, Any]) -> Any:
         size = list(params["size"])
+        if isinstance(inpt, PolygonMasks):
+            return inpt.resize(*params["input_size"], *size)
         if isinstance(inpt, tv_tensors.Image) or (type(inpt) is torch.Tensor and inpt.dtype == torch.uint8):
             out = resize_image_pil(inpt.as_subclass(torch.Tensor), size)
             return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
@@ -144,52 +150,6 @@ class ResizeShortestEdge(_Resize):
         return shortest_edge_size(h, w, self.short_edge_length, self.max_size)
 
 
-class ResizeScale(_Resize):
-    """detectron2's ``ResizeScale``: draw ``s ~ U(min_scale, max_scale)``, fit the image
-    into ``s x target`` keeping its aspect ratio, round the size."""
-
-    def __init__(self, min_scale: float, max_scale: float, target_height: int, target_width: int):
-        super().__init__()
-        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
-        self.target = (int(target_height), int(target_width))
-
-    def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
-        h, w = query_size(flat_inputs)
-        s = self.min_scale + float(torch.rand(())) * (self.max_scale - self.min_scale)
-        scale = min(self.target[0] * s / h, self.target[1] * s / w)
-        return {"size": (int(np.round(h * scale)), int(np.round(w * scale)))}
-
-
-class FixedSizeCrop(v2.Transform):
-    """detectron2's ``FixedSizeCrop(crop_size, pad=False)``: where the image is larger than
-    ``crop_size`` along an axis, a random crop of that size (one uniform draw places both
-    axes' offsets, rounded); where it is smaller, it stays as it is, at the top-left."""
-
-    def __init__(self, crop_size: Tuple[int, int]):
-        super().__init__()
-        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
-
-    def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
-        h, w = query_size(flat_inputs)
-        u = float(torch.rand(()))
-        top = int(np.round(max(h - self.crop_size[0], 0) * u))
-        left = int(np.round(max(w - self.crop_size[1], 0) * u))
-        return {
-            "top": top,
-            "left": left,
-            "height": min(self.crop_size[0], h - top),
-            "width": min(self.crop_size[1], w - left),
-        }
-
-    def transform(self, inpt: Any, params: Dict[str, Any]) -> Any:
-        if (
-            isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask, tv_tensors.BoundingBoxes))
-            or type(inpt) is torch.Tensor
-        ):
-            return self._call_kernel(F.crop, inpt, **params)
-        return inpt
-
-
 def masks_to_tight_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Tight box of each mask in pixel-edge coordinates.
 
@@ -217,19 +177,113 @@ def masks_to_tight_boxes(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
-class BoxesFromMasks(torch.nn.Module):
-    """Replace ``target["boxes"]`` by the tight boxes of ``target["masks"]`` (detectron2's
-    ``recompute_boxes`` after a crop). Instances whose mask is empty get a degenerate
-    box ``(0, 0, 0, 0)``, so a following ``SanitizeBoundingBoxes`` removes them."""
+def _resize_bitmasks(masks: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """uint8 ``(N, h, w)`` masks resized with PIL's nearest neighbour (detectron2's
+    ``ResizeTransform.apply_segmentation``; torch's nearest modes pick other pixels)."""
+    h, w = int(size[0]), int(size[1])
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, h, w))
+    out = [np.asarray(Image.fromarray(np.ascontiguousarray(m.numpy())).resize((w, h), Image.NEAREST)) for m in masks]
+    return torch.from_numpy(np.stack(out))
 
-    def forward(self, image: torch.Tensor, target: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, Any]]:
+
+@dataclass(frozen=True)
+class LSJParams:
+    """One draw of large-scale jitter: the flip, the size after the resize ``(h, w)``
+    and the corner ``(y0, x0)`` of the crop window (detectron2 logs the same three
+    transforms: ``HFlipTransform``, ``ResizeTransform``, ``CropTransform``)."""
+
+    hflip: bool
+    size: Tuple[int, int]
+    crop: Tuple[int, int]
+
+
+class LargeScaleJitter:
+    """ViTDet's training augmentation: detectron2's ``RandomFlip`` + ``ResizeScale`` +
+    ``FixedSizeCrop(pad=False)`` applied as its ``DatasetMapper`` applies them.
+
+    Draws (:meth:`get_params`): a horizontal flip with probability 0.5; a scale
+    ``s ~ U(min_scale, max_scale)``, the image resized to fit ``s x image_size`` keeping
+    its aspect ratio (sizes rounded half to even, as ``np.round``); one uniform ``u``
+    placing the crop window at ``round(u * max(side - image_size, 0))`` on both axes.
+    Randomness comes from torch's global generator, which
+    :class:`maedet.data.samplers.SeededDataset` seeds per sample.
+
+    Applying them (:meth:`apply`, given parameters, so that a run can be replayed):
+    the image is flipped, resized with PIL's bilinear filter on uint8 pixels and
+    cropped (an image smaller than the window stays at the top-left, unpadded; the
+    detector pads the batch). Polygon masks move with it and are clipped to the crop
+    window (:class:`~maedet.structures.PolygonMasks`); bitmap masks are flipped,
+    resized with PIL's nearest neighbour and cropped. Boxes: with ``recompute_boxes``
+    (detectron2's setting whenever it crops) the extent of each instance's polygons,
+    or the tight box of its bitmap; otherwise the json box moved and clipped to the
+    image. Instances whose box has a side <= 1e-5 px or whose mask has no polygon
+    (bitmaps: no pixel) are dropped, as detectron2's ``filter_empty_instances``.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 1024,
+        min_scale: float = 0.1,
+        max_scale: float = 2.0,
+        hflip: bool = True,
+        recompute_boxes: bool = True,
+    ):
+        if not 0 < min_scale <= max_scale:
+            raise ValueError(f"lsj needs 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
+        self.image_size, self.min_scale, self.max_scale = int(image_size), float(min_scale), float(max_scale)
+        self.hflip, self.recompute_boxes = bool(hflip), bool(recompute_boxes)
+
+    def get_params(self, height: int, width: int) -> LSJParams:
+        flip = self.hflip and float(torch.rand(())) < 0.5
+        s = self.min_scale + float(torch.rand(())) * (self.max_scale - self.min_scale)
+        scale = min(self.image_size * s / height, self.image_size * s / width)
+        h, w = int(np.round(height * scale)), int(np.round(width * scale))
+        u = float(torch.rand(()))
+        y0 = int(np.round(max(h - self.image_size, 0) * u))
+        x0 = int(np.round(max(w - self.image_size, 0) * u))
+        return LSJParams(hflip=flip, size=(h, w), crop=(y0, x0))
+
+    def __call__(self, image: torch.Tensor, target: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        return self.apply(image, target, self.get_params(int(image.shape[-2]), int(image.shape[-1])))
+
+    def apply(
+        self, image: torch.Tensor, target: Dict[str, Any], params: LSJParams
+    ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """The jitter ``params`` applied to ``image`` (uint8 ``(3, H, W)``) and ``target``
+        (``boxes``, ``labels``, ``masks``; other keys are kept as they are)."""
+        H, W = int(image.shape[-2]), int(image.shape[-1])
+        (h, w), (y0, x0), side = params.size, params.crop, self.image_size
+        img = image.as_subclass(torch.Tensor)
+        boxes = target["boxes"].as_subclass(torch.Tensor).to(torch.float64).reshape(-1, 4)
         masks = target["masks"]
-        h, w = masks.shape[-2:]
-        target = dict(target)
-        target["boxes"] = tv_tensors.BoundingBoxes(
-            masks_to_tight_boxes(masks), format="XYXY", canvas_size=(int(h), int(w))
-        )
-        return image, target
+        polygons = isinstance(masks, PolygonMasks)
+        if not polygons:
+            masks = masks.as_subclass(torch.Tensor).to(torch.uint8)
+        if params.hflip:
+            img = img.flip(-1)
+            boxes = torch.stack([W - boxes[:, 2], boxes[:, 1], W - boxes[:, 0], boxes[:, 3]], dim=1)
+            masks = masks.hflip(W) if polygons else masks.flip(-1)
+        img = resize_image_pil(img, (h, w))
+        boxes = boxes * torch.tensor([w * 1.0 / W, h * 1.0 / H] * 2, dtype=torch.float64)
+        masks = masks.resize(H, W, h, w) if polygons else _resize_bitmasks(masks, (h, w))
+        img = img[:, y0 : y0 + side, x0 : x0 + side].contiguous()
+        out_h, out_w = int(img.shape[-2]), int(img.shape[-1])
+        boxes = boxes - torch.tensor([x0, y0, x0, y0], dtype=torch.float64)
+        boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([out_w, out_h] * 2, dtype=torch.float64))
+        masks = masks.crop(x0, y0, side, side) if polygons else masks[:, y0 : y0 + side, x0 : x0 + side]
+        if self.recompute_boxes:
+            boxes = masks.bounding_boxes() if polygons else masks_to_tight_boxes(masks)
+        boxes = boxes.to(torch.float32)
+        keep = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)
+        keep &= masks.nonempty() if polygons else masks.flatten(1).bool().any(dim=1)
+        out = dict(target)
+        out["boxes"] = tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(out_h, out_w))
+        out["labels"] = target["labels"][keep]
+        out["masks"] = masks[keep] if polygons else tv_tensors.Mask(masks[keep].contiguous())
+        if isinstance(image, tv_tensors.Image):
+            img = tv_tensors.Image(img)
+        return img, out
 
 
 def declares_max_side(key: str) -> Callable:
@@ -257,36 +311,25 @@ def max_output_side(section: Mapping[str, Any]) -> Optional[Tuple[str, int]]:
     return key, int(section[key])
 
 
-def _get_labels(inputs) -> torch.Tensor:
-    """``labels_getter`` for ``SanitizeBoundingBoxes`` on ``(image, target)``."""
-    return inputs[1]["labels"]
-
-
 @PIPELINES.register("lsj")
 @declares_max_side("image_size")
-def lsj(image_size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0, hflip: bool = True) -> v2.Compose:
-    """Large-scale jitter (ViTDet's training augmentation, detectron2's LSJ loader).
-
-    Random horizontal flip; resize so the image fits in ``s x image_size`` with
-    ``s ~ U(min_scale, max_scale)``; crop to ``image_size`` where larger (the image
-    keeps its top-left corner where smaller; the detector pads); boxes recomputed
-    as the tight boxes of the cropped masks; instances whose mask became empty dropped.
+def lsj(
+    image_size: int = 1024,
+    min_scale: float = 0.1,
+    max_scale: float = 2.0,
+    hflip: bool = True,
+    recompute_boxes: bool = True,
+) -> LargeScaleJitter:
+    """Large-scale jitter (ViTDet's training augmentation, detectron2's LSJ loader); see
+    :class:`LargeScaleJitter`.
 
     Returns:
         ``(image, target) -> (image, target)``: image uint8 ``(3, h, w)`` with
-        ``h, w <= image_size``, ``boxes`` ``(N', 4)``, ``masks`` ``(N', h, w)``,
-        ``labels`` ``(N',)``; ``image_id`` and ``orig_size`` unchanged.
+        ``h, w <= image_size``, ``boxes`` ``(N', 4)``, ``masks`` (polygons or
+        ``(N', h, w)`` bitmaps), ``labels`` ``(N',)``; ``image_id`` and ``orig_size``
+        unchanged.
     """
-    if not 0 < min_scale <= max_scale:
-        raise ValueError(f"lsj needs 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
-    ops: List[Any] = [v2.RandomHorizontalFlip()] if hflip else []
-    ops += [
-        ResizeScale(min_scale, max_scale, image_size, image_size),
-        FixedSizeCrop((image_size, image_size)),
-        BoxesFromMasks(),
-        v2.SanitizeBoundingBoxes(min_size=1, labels_getter=_get_labels),
-    ]
-    return v2.Compose(ops)
+    return LargeScaleJitter(image_size, min_scale, max_scale, hflip, recompute_boxes)
 
 
 @PIPELINES.register("resize_shortest_edge")

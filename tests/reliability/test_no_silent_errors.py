@@ -103,7 +103,7 @@ def test_exif_photo_loads_upright_with_its_masks_on_the_objects(exif_photo):
     shown = exif_photo["displayed"].astype(int)
     assert image.shape == shown.shape  # (600, 800, 3): displayed, not raw (800, 600)
     assert np.abs(image - shown).mean() < 2.5  # same pixels up to JPEG noise
-    masks = target["masks"].numpy().astype(bool)
+    masks = target["masks"].to_bitmasks(*shown.shape[:2]).numpy().astype(bool)
     gt = COCO(exif_photo["json"])
     raw = cv2.imread(exif_photo["path"], cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)[:, :, ::-1]
     assert raw.shape[:2] == (800, 600)  # the file's own pixel order really is rotated

@@ -7,7 +7,7 @@ class-agnostic box predictor with weights ``bbox_reg_weights[k]``:
   matched at ``stage_iou_thresholds[0]`` and sampled; stage k > 0 takes stage
   k - 1's refined boxes (detached, clipped, empty ones dropped), matched at its own
   threshold, all of them kept. Each stage adds its classification and box losses
-  (``loss_classifier_stage{k}``, ``loss_box_reg_stage{k}``); the gradient into the
+  (``loss_cls_stage{k}``, ``loss_box_reg_stage{k}``); the gradient into the
   pooled features is scaled by 1 / number of stages. The mask head trains on
   stage 0's foreground RoIs, as in detectron2. (The ground truth is appended once,
   at stage 0; later stages refine those boxes like any other.)
@@ -177,7 +177,7 @@ class CascadeRoIHeads(StandardRoIHeads):
             loss_cls, loss_box = self.box_losses(
                 logits, deltas, torch.cat(boxes), torch.cat(labels), torch.cat(gts), self.box_transforms[k]
             )
-            losses[f"loss_classifier_stage{k}"] = loss_cls
+            losses[f"loss_cls_stage{k}"] = loss_cls
             losses[f"loss_box_reg_stage{k}"] = loss_box
             refined = self._refine(deltas.detach(), boxes, k)
         if self.mask_on:

@@ -7,15 +7,17 @@ convention; a detectron2 checkpoint converts by moving its last class to the
 front). Training follows detectron2: ground-truth boxes appended to the
 proposals, IoU matching, ``batch_size_per_image`` sampled RoIs with a positive
 fraction, softmax cross-entropy and an L1 box loss summed over the foreground
-and divided by the number of sampled RoIs; mask targets are the gt masks cropped
-with aligned RoIAlign and binarized at 0.5. Inference follows
+and divided by the number of sampled RoIs; mask targets are the gt polygons
+rasterized inside each foreground RoI (bitmap masks: cropped with aligned RoIAlign
+and binarized at 0.5). Losses carry detectron2's names (``loss_cls``,
+``loss_box_reg``, ``loss_mask``). Inference follows
 ``fast_rcnn_inference``: softmax scores, boxes decoded in float32 per class and
 clipped, ``score > score_thresh``, per-class NMS, the ``detections_per_img`` best.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import batched_nms, roi_align
 
 from maedet.models.layers import LayerNorm2d, ShapeSpec, check_fractions, check_positive, shared_channels
+from maedet.structures import PolygonMasks
 from maedet.utils.registry import ROI_HEADS
 
 from .boxes import BoxTransform, clip_boxes, pairwise_iou
@@ -73,9 +76,17 @@ def build_box_head(
     return head
 
 
-def mask_targets(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_idxs: torch.Tensor, size: int) -> torch.Tensor:
-    """Each matched gt mask cropped to its box with aligned RoIAlign, resized to (size, size),
-    binarized at 0.5 (detectron2 ``BitMasks.crop_and_resize``): (P, size, size) float {0, 1}."""
+def mask_targets(
+    gt_masks: Union[PolygonMasks, torch.Tensor], boxes: torch.Tensor, matched_idxs: torch.Tensor, size: int
+) -> torch.Tensor:
+    """The (size, size) target of each RoI: its matched instance's mask inside its box.
+
+    Polygons are rasterized inside each box (detectron2 ``PolygonMasks.crop_and_resize``);
+    bitmaps are cropped with aligned RoIAlign and binarized at 0.5 (``BitMasks.crop_and_resize``).
+    Returns (P, size, size) float32 of 0 / 1.
+    """
+    if isinstance(gt_masks, PolygonMasks):
+        return gt_masks.crop_and_resize(boxes, matched_idxs, size)
     if boxes.shape[0] == 0:
         return boxes.new_zeros((0, size, size))
     used, local = torch.unique(matched_idxs, return_inverse=True)  # convert only the masks in use
@@ -316,7 +327,7 @@ class StandardRoIHeads(nn.Module):
         loss_cls, loss_box = self.box_losses(
             logits, deltas, torch.cat(boxes), torch.cat(labels), gt, self.box_transform
         )
-        losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+        losses = {"loss_cls": loss_cls, "loss_box_reg": loss_box}
         if self.mask_on:
             losses["loss_mask"] = self.mask_losses(features, boxes, labels, matched, targets)
         return losses

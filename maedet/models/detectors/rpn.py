@@ -137,7 +137,7 @@ class RPN(nn.Module):
         Returns:
             proposals: per image (P_i, 4) float32 XYXY boxes, best first;
             logits: per image (P_i,) their objectness logits;
-            losses: ``loss_objectness`` and ``loss_rpn_box_reg`` in training, else empty.
+            losses: ``loss_rpn_cls`` and ``loss_rpn_loc`` in training, else empty.
         """
         feats = [features[f] for f in self.in_features]
         anchors = self.anchor_generator(feats)
@@ -229,4 +229,4 @@ class RPN(nn.Module):
         box_loss = box_regression_loss(deltas[pos], targets[pos], self.smooth_l1_beta) / normalizer
         valid = labels >= 0
         obj_loss = F.binary_cross_entropy_with_logits(logits[valid].float(), labels[valid], reduction="sum")
-        return {"loss_objectness": obj_loss / normalizer, "loss_rpn_box_reg": box_loss}
+        return {"loss_rpn_cls": obj_loss / normalizer, "loss_rpn_loc": box_loss}
