@@ -10,7 +10,9 @@ Tasks:
             (model.backbone.act_checkpoint)
   infer     the Predictor at batch 1 and a larger batch with the mask head exercised (score
             threshold 0, 100 detections per image): s/image, images/s, detections, peak memory
-  data      the training data pipeline alone (decode + augment + collate) with --workers W: images/s
+  data      the training data pipeline alone (decode + augment + collate) with --workers W: images/s;
+            with detectron2's data code importable, also one worker's mapping against detectron2's
+            DatasetMapper on the same images (images/s, peak memory; maedet/benchmark/data_reference.py)
   ddp       DistributedDataParallel's gradient all-reduce for the config's model with --procs P
             processes (gloo on CPU, NCCL on CUDA); e.g. --compare train.ddp_grad_compression=none,bf16
   reference the same detector in maedet and in detectron2 (when detectron2 is importable), interleaved
@@ -376,6 +378,24 @@ def print_table(results: List[Dict[str, Any]], task: str, meta: Dict[str, Any]) 
         if d["images"]:
             rates = ", ".join(f"{k} {v:.1f}" for k, v in d["images_per_s"].items())
             print(f"decode only, 1 thread, {d['images']} images ({d['megapixels']:.1f} MPix): {rates} images/s")
+        ref = r.get("detectron2")
+        if isinstance(ref, str):
+            print(f"detectron2 comparison skipped: {ref}")
+        elif ref:
+            print(
+                f"one worker's mapping (decode + LSJ + targets), {ref['images']} images x {ref['rounds']} rounds, "
+                "alternating per image:"
+            )
+            print("| | images/s | s/image | peak memory alone | instances kept |")
+            print("| --- | --- | --- | --- | --- |")
+            for k in ("maedet", "detectron2"):
+                print(
+                    f"| {k} | {ref['images_per_s'][k]:.2f} | {ref['s_per_image'][k]:.4f} |"
+                    f" {ref['peak_mem_mb'][k]:.0f} MB | {ref['instances'][k]} |"
+                )
+            speed = ref["images_per_s"]["maedet"] / ref["images_per_s"]["detectron2"]
+            mem = ref["peak_mem_mb"]["maedet"] / max(ref["peak_mem_mb"]["detectron2"], 1e-9)
+            print(f"maedet / detectron2: throughput {speed:.2f}x, peak memory {mem:.2f}x")
         return
     if task == "ddp":
         base = results[0]["s_per_iter"]
@@ -447,6 +467,12 @@ def parse_args(argv=None):
     p.add_argument("--keep-thresholds", action="store_true", help="infer: keep the config's threshold / max dets")
     p.add_argument("--workers", type=int, default=2, help="data: DataLoader workers")
     p.add_argument("--decode-images", type=int, default=50, help="data: images for the decoder comparison (0: skip)")
+    p.add_argument(
+        "--mapper-images",
+        type=int,
+        default=50,
+        help="data: images mapped by maedet and by detectron2's DatasetMapper, alternating (0: skip)",
+    )
     p.add_argument("--procs", type=int, default=2, help="ddp: processes (GPUs with --device cuda)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: train.threads or torch's)")
     p.add_argument(
@@ -508,6 +534,13 @@ def main(argv=None) -> int:
         }
         if args.task == "data":
             results = [pipelines.run_data(probe_cfg, kind, args.workers, args.warmup, args.iters, args.decode_images)]
+            if kind == "detection" and args.mapper_images > 0:
+                from maedet.benchmark import data_reference
+
+                why = data_reference.detectron2_data_status()
+                results[0]["detectron2"] = why or data_reference.compare_mappers(
+                    probe_cfg, args.mapper_images, args.iters
+                )
         elif args.task == "ddp":
             results = run_ddp(args)
         elif args.task == "reference":
