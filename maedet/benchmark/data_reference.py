@@ -6,10 +6,11 @@ alternating image by image, so load changes hit both alike):
 
 - maedet: :class:`~maedet.data.coco.CocoInstanceDataset` with the config's training
   pipeline: decode, flip / resize / crop, polygons clipped, boxes recomputed;
-- detectron2: ``DatasetMapper(is_train=True, augmentations=[RandomFlip, ResizeScale,
-  FixedSizeCrop(pad=False)], image_format="RGB", use_instance_mask=True,
-  recompute_boxes=True)`` on the dicts of its own ``load_coco_json`` (the ViTDet LSJ
-  loader of ``projects/ViTDet/configs/common/coco_loader_lsj.py``).
+- detectron2: ``DatasetMapper(is_train=True, image_format="RGB", use_instance_mask=True,
+  recompute_boxes=True)`` on the dicts of its own ``load_coco_json``, its augmentation
+  giving the flip, resize and crop that maedet drew for the image (what
+  ``RandomFlip`` + ``ResizeScale`` + ``FixedSizeCrop(pad=False)`` of ViTDet's LSJ loader
+  return), so both do the same work.
 
 A DataLoader worker does exactly this per image, so the rate is a worker's rate.
 Peak memory per worker: each framework maps the images alone in a fresh process;
@@ -31,7 +32,6 @@ import numpy as np
 import torch
 
 from maedet.builders.data import build_detection_dataset
-from maedet.data.samplers import SeededDataset
 from maedet.utils.profiling import PeakRSS, median, rss_bytes
 
 __all__ = ["detectron2_data_status", "compare_mappers"]
@@ -52,7 +52,11 @@ def detectron2_data_status() -> Optional[str]:
 
 
 def _mappers(cfg: Any) -> Tuple[int, Callable[[int], Any], Callable[[int], Any]]:
-    """(number of images, maedet's map(i), detectron2's map(i)) for the config's training split."""
+    """(number of images, maedet's map(i), detectron2's map(i)) for the config's training split.
+
+    Both apply the same jitter to image ``i``: maedet's draw with seed ``i``, given to
+    detectron2 as its ``HFlipTransform`` / ``ResizeTransform`` / ``CropTransform``, so the
+    two do the same work (the same resized sizes and crops)."""
     import detectron2.data.transforms as T
     from detectron2.data import DatasetMapper
     from detectron2.data.datasets import load_coco_json
@@ -61,28 +65,46 @@ def _mappers(cfg: Any) -> Tuple[int, Callable[[int], Any], Callable[[int], Any]]
     if p.name != "lsj":
         raise ValueError(f"the detectron2 data reference mirrors the lsj pipeline, not {p.name!r}")
     ds = build_detection_dataset(cfg.data, "train", train=True, check=False)
-    seeded = SeededDataset(ds)
+    lsj = ds.transforms
+    ds.transforms = None
     dicts = load_coco_json(cfg.data.train.json, cfg.data.train.images)
     by_id = {d["image_id"]: d for d in dicts}
     dicts = [by_id[i] for i in ds.image_ids]  # the same images in the same order
-    augs = [T.RandomFlip(horizontal=True)] if p.hflip else []
-    augs += [
-        T.ResizeScale(p.min_scale, p.max_scale, p.image_size, p.image_size),
-        T.FixedSizeCrop((p.image_size, p.image_size), pad=False),
-    ]
+    params = []
+    for i, d in enumerate(dicts):
+        torch.manual_seed(i)
+        params.append(lsj.get_params(d["height"], d["width"]))
+
+    class Given(T.Augmentation):
+        """The transforms of the image being mapped (set before each call)."""
+
+        transforms: List[Any] = []
+
+        def get_transform(self, image: np.ndarray) -> Any:
+            return T.TransformList(list(self.transforms))
+
+    given = Given()
     mapper = DatasetMapper(
         is_train=True,
-        augmentations=augs,
+        augmentations=[given],
         image_format="RGB",
         use_instance_mask=True,
         recompute_boxes=p.recompute_boxes,
     )
 
-    def d2(i: int) -> Any:
-        np.random.seed(i)
-        return mapper(dicts[i])
+    def ours(i: int) -> Any:
+        image, target = ds[i]
+        return lsj.apply(image, target, params[i])
 
-    return len(ds), (lambda i: seeded[(i, 0)]), d2
+    def theirs(i: int) -> Any:
+        d, q = dicts[i], params[i]
+        (h, w), (y0, x0), side = q.size, q.crop, p.image_size
+        given.transforms = [T.HFlipTransform(d["width"])] if q.hflip else []
+        given.transforms += [T.ResizeTransform(d["height"], d["width"], h, w)]
+        given.transforms += [T.CropTransform(x0, y0, side, side, w, h)]
+        return mapper(d)
+
+    return len(ds), ours, theirs
 
 
 def compare_mappers(cfg: Any, images: int, rounds: int) -> Dict[str, Any]:

@@ -388,7 +388,8 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
                 f"image size mismatch: {path} is {width}x{height} (width x height) but {self._where}"
                 f" says {info['width']}x{info['height']} for image id {iid}"
             )
-        image = tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1).contiguous())
+        # (3, H, W) over the decoder's (H, W, 3) memory: the transforms resize it in that layout
+        image = tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1))
         if not self.load_targets:
             target = {"image_id": int(iid), "orig_size": (int(height), int(width))}
         else:

@@ -79,10 +79,10 @@ def read_image_rgb(path: str) -> np.ndarray:
         raise DatasetError(f"corrupt image: {path} (empty file, 0 bytes)")
     check_complete(data, path)
     buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # applies the EXIF orientation
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)  # RGB straight from the decoder; applies the EXIF orientation
     if img is None or img.ndim != 3 or img.shape[2] != 3 or img.shape[0] == 0 or img.shape[1] == 0:
         raise DatasetError(f"corrupt image: {path} (not a decodable image file)")
-    return np.ascontiguousarray(img[:, :, ::-1])
+    return img
 
 
 def find_images(root: str) -> List[str]:

@@ -90,13 +90,22 @@ def build_mae_transform(
 
 
 def resize_image_pil(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """A uint8 (3, H, W) image resized to ``size`` = (h, w) with PIL's bilinear filter."""
+    """A uint8 (3, H, W) image resized to ``size`` = (h, w) with PIL's bilinear filter.
+
+    The result is a (3, h, w) view of (h, w, 3) memory, as PIL returns it: no copy is made
+    to reorder it (an image read by the datasets is laid out the same way)."""
     h, w = int(size[0]), int(size[1])
     if tuple(image.shape[-2:]) == (h, w):
         return image
-    arr = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
-    out = np.array(Image.fromarray(arr).resize((w, h), Image.BILINEAR))
-    return torch.from_numpy(out).permute(2, 0, 1)
+    return torch.from_numpy(_resize_hwc(image.permute(1, 2, 0).cpu().numpy(), (h, w))).permute(2, 0, 1)
+
+
+def _resize_hwc(arr: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """A uint8 (H, W, 3) array resized to ``size`` = (h, w) with PIL's bilinear filter."""
+    h, w = int(size[0]), int(size[1])
+    if arr.shape[:2] == (h, w):
+        return arr
+    return np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((w, h), Image.BILINEAR))
 
 
 class _Resize(v2.Transform):
@@ -254,20 +263,25 @@ class LargeScaleJitter:
         (``boxes``, ``labels``, ``masks``; other keys are kept as they are)."""
         H, W = int(image.shape[-2]), int(image.shape[-1])
         (h, w), (y0, x0), side = params.size, params.crop, self.image_size
-        img = image.as_subclass(torch.Tensor)
         boxes = target["boxes"].as_subclass(torch.Tensor).to(torch.float64).reshape(-1, 4)
         masks = target["masks"]
         polygons = isinstance(masks, PolygonMasks)
         if not polygons:
             masks = masks.as_subclass(torch.Tensor).to(torch.uint8)
+        # The image goes through PIL once: resized, mirrored (after the resize: the same
+        # pixels as before it, PIL's filter is symmetric), cropped, then read out.
+        pil = Image.fromarray(np.ascontiguousarray(image.as_subclass(torch.Tensor).permute(1, 2, 0).numpy()))
+        if (h, w) != (H, W):
+            pil = pil.resize((w, h), Image.BILINEAR)
         if params.hflip:
-            img = img.flip(-1)
+            pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
+        pil = pil.crop((x0, y0, min(x0 + side, w), min(y0 + side, h)))
+        img = torch.from_numpy(np.ascontiguousarray(np.asarray(pil).transpose(2, 0, 1)))
+        if params.hflip:
             boxes = torch.stack([W - boxes[:, 2], boxes[:, 1], W - boxes[:, 0], boxes[:, 3]], dim=1)
             masks = masks.hflip(W) if polygons else masks.flip(-1)
-        img = resize_image_pil(img, (h, w))
         boxes = boxes * torch.tensor([w * 1.0 / W, h * 1.0 / H] * 2, dtype=torch.float64)
         masks = masks.resize(H, W, h, w) if polygons else _resize_bitmasks(masks, (h, w))
-        img = img[:, y0 : y0 + side, x0 : x0 + side].contiguous()
         out_h, out_w = int(img.shape[-2]), int(img.shape[-1])
         boxes = boxes - torch.tensor([x0, y0, x0, y0], dtype=torch.float64)
         boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([out_w, out_h] * 2, dtype=torch.float64))
