@@ -254,3 +254,28 @@ def test_predictor_runs_a_cascade_model(tmp_path):
     n = len(out["scores"])
     assert n > 0 and out["masks"].shape == (n, 150, 230) and set(out["class_names"]) <= {"a", "b", "c"}
     assert (out["boxes"][:, 2] <= 230).all() and (out["boxes"][:, 3] <= 150).all()
+
+
+def test_refined_boxes_are_clipped_to_the_image_between_stages():
+    """Stage 0 regresses every box one width to the right, over the edge of the 128 x 128 image: the next
+    stage sees the boxes clipped to the image (those left empty dropped), as detectron2 does."""
+    heads = small_heads().train()
+    with torch.no_grad():
+        p0 = heads.box_predictor[0].bbox_pred
+        p0.weight.zero_()
+        p0.bias.copy_(torch.tensor([10.0, 0.0, 0.0, 0.0]).repeat(p0.bias.numel() // 4))  # dx = 10 / 10
+    gt = [{"boxes": torch.tensor([[60.0, 30.0, 100.0, 100.0]]), "labels": torch.tensor([1])}]
+    gt[0]["masks"] = torch.zeros(1, 128, 128, dtype=torch.uint8)
+    gt[0]["masks"][0, 30:100, 60:100] = 1
+    seen = []
+    real = heads._run_stage
+
+    def spy(feats, boxes, stage):
+        seen.append((stage, torch.cat([b.detach() for b in boxes])))
+        return real(feats, boxes, stage)
+
+    heads._run_stage = spy
+    heads(features(), [torch.tensor([[70.0, 25.0, 110.0, 95.0]])], [(128, 128)], gt)
+    stage1 = seen[1][1]
+    assert len(stage1) > 0 and float(stage1[:, 2].max()) == 128.0  # clipped at the right edge
+    assert bool((stage1 >= 0).all()) and bool((stage1 <= 128).all())
