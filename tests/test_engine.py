@@ -201,3 +201,24 @@ def test_metrics_writer_truncates_on_resume(tmp_path):
     recs = [json.loads(line) for line in open(w2.path)]
     assert [r["iter"] for r in recs] == [0, 1, 2, 3, 4, 5, 6]
     assert recs[-1]["loss"] == 60.0
+
+
+def test_describe_trainable_names_frozen_parts_and_block_ranges():
+    from torch import nn
+
+    from maedet.builders.trainer import describe_trainable
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = nn.Parameter(torch.zeros(1, 4, 2))
+            self.stem = nn.Linear(2, 2)
+            self.blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(6))
+            self.head = nn.Linear(2, 3)
+
+    net = Net()
+    assert describe_trainable(net) == "parameters: 59 trainable of 59 (100.0%)"
+    for m in (net.stem, net.blocks[0], net.blocks[1], net.blocks[2], net.blocks[4]):
+        m.requires_grad_(False)
+    net.pos_embed.requires_grad_(False)
+    assert describe_trainable(net) == ("parameters: 21 trainable of 59 (35.6%); frozen: pos_embed, stem, blocks 0-2, 4")

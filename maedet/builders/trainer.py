@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Callable, Dict, Sequence, Sized
 
 import torch
@@ -67,6 +68,7 @@ def build_trainer(
         f"batch {batch} per process x {world} processes x {t.accum_steps} accumulation = "
         f"{samples_per_iter}; peak lr {lr:.3e}; {max_iter} iterations ({warmup} warm-up)"
     )
+    logger.info(describe_trainable(model))
     schedule = build_lr_schedule(cfg.solver, max_iter, warmup)
     optimizer = build_solver_optimizer(cfg.solver, model, lr, device)
     return Trainer(
@@ -90,6 +92,44 @@ def build_trainer(
         hooks=list(hooks),
         ddp=DDPOptions(t.ddp_grad_compression, t.ddp_bucket_view, t.ddp_find_unused),
     )
+
+
+def _ranges(ids: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    ids, out = sorted(ids), []
+    for i in ids:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out)
+
+
+def describe_trainable(model: nn.Module) -> str:
+    """One line: trainable and total parameters, and the frozen parts by module (blocks as ranges)."""
+    params = list(model.named_parameters())
+    total = sum(p.numel() for _, p in params)
+    trainable = sum(p.numel() for _, p in params if p.requires_grad)
+    line = f"parameters: {trainable:,} trainable of {total:,} ({100.0 * trainable / max(total, 1):.1f}%)"
+    frozen = [n for n, p in params if not p.requires_grad]
+    if not frozen:
+        return line
+    blocks: Dict[str, set] = {}
+    rest = []
+    for n in frozen:
+        m = re.match(r"(.*\bblocks)\.(\d+)\.", n)
+        if m:
+            blocks.setdefault(m.group(1), set()).add(int(m.group(2)))
+        else:
+            rest.append(n)
+    others = []
+    for n in rest:  # a parameter of the module that holds the blocks by its name, others by their module
+        parent = n.rsplit(".", 1)[0]
+        name = n if any(k.startswith(parent + ".") for k in blocks) else parent
+        if name not in others:
+            others.append(name)
+    parts = others + [f"{k} {_ranges(v)}" for k, v in blocks.items()]
+    return f"{line}; frozen: {', '.join(parts)}"
 
 
 def describe_groups(optimizer: torch.optim.Optimizer) -> Dict[str, Any]:

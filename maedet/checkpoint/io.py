@@ -15,17 +15,41 @@ from typing import Any, Optional
 import torch
 
 from maedet.utils.errors import CheckpointError
-from maedet.utils.fileio import atomic_write
+from maedet.utils.fileio import atomic_write, disk_full_reason
 
 __all__ = ["atomic_write", "atomic_save", "load_checkpoint_file"]
 
 
+def _tensor_bytes(obj: Any, seen: Optional[set] = None) -> int:
+    """Bytes of the tensor storages in a (nested) checkpoint object, each storage once."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` atomically (see :func:`atomic_write`)."""
+    """``torch.save(obj, path)`` atomically (see :func:`atomic_write`).
+
+    Raises:
+        CheckpointError: the file cannot be written; a full disk is named with the room
+            needed and free (the previous file at ``path`` is untouched).
+    """
     try:
         atomic_write(path, lambda f: torch.save(obj, f))
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+    except (OSError, RuntimeError) as e:
+        why = disk_full_reason(path, _tensor_bytes(obj), e)
+        if why is None and not isinstance(e, OSError):
+            raise
+        raise CheckpointError(f"cannot write checkpoint {path}: {why or e.strerror or e}") from e
 
 
 def load_checkpoint_file(path: str, map_location: Any = "cpu", weights_only: Optional[bool] = True) -> Any:

@@ -154,10 +154,18 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
     data["images"] = [img for img in data["images"] if img["id"] not in dropped_images]
 
     cat_ids = set()
+    cat_names: Dict[str, int] = {}
     for k, cat in enumerate(data["categories"]):
         _entry_id(where, "categories", k, cat, cat_ids, "category")
         if not isinstance(cat.get("name"), str):
             raise DatasetError(f"{where}: category id {cat['id']} has no 'name'")
+        if cat["name"] in cat_names:
+            # class names label the predictions, the pictures and the checkpoint's classes
+            raise DatasetError(
+                f"{where}: category ids {cat_names[cat['name']]} and {cat['id']} have the same name "
+                f"{cat['name']!r} (class names must be distinct; rename one in 'categories')"
+            )
+        cat_names[cat["name"]] = cat["id"]
         cat_ids.add(cat["id"])
     if not cat_ids:
         raise DatasetError(f"{where}: 'categories' is empty (expected at least one category)")

@@ -107,7 +107,10 @@ def setup_run(cfg: Any, config_path: str, device_name: str, seed: int, threads: 
     if du.is_main_process():
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     logger.info(f"config {config_path}; resolved config written to {os.path.join(cfg.output_dir, 'config.yaml')}")
-    logger.info(f"world size {du.get_world_size()}, device {device}, torch {torch.__version__}")
+    logger.info(
+        f"world size {du.get_world_size()}, device {device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads per process"
+    )
     torch.manual_seed(seed + du.get_rank())
     import random
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import shutil
 import tempfile
-from typing import Callable
+from typing import Callable, Optional
 
-__all__ = ["atomic_write", "atomic_write_text"]
+from maedet.utils.errors import MaedetError
+
+__all__ = ["atomic_write", "atomic_write_text", "disk_full_reason"]
 
 
 def atomic_write(path: str, write_fn: Callable[[io.BufferedWriter], None]) -> None:
@@ -43,7 +47,32 @@ def atomic_write(path: str, write_fn: Callable[[io.BufferedWriter], None]) -> No
         pass
 
 
+def disk_full_reason(path: str, needed: int, error: BaseException) -> Optional[str]:
+    """Why writing ``needed`` bytes to ``path`` failed, when the disk is the cause: "No space
+    left on device (N MB needed, M MB free in DIR)"; None when it is not (``error`` is then
+    another problem). torch's zip writer reports a full disk as a ``RuntimeError`` about
+    the stream position, so a failure with less room than ``needed`` counts as one too."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return None
+    enospc = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not (enospc or free < needed):
+        return None
+    mb = 2**20
+    return f"{os.strerror(errno.ENOSPC)} ({needed / mb:.1f} MB needed, {free / mb:.1f} MB free in {directory})"
+
+
 def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    """Write ``text`` (UTF-8) to ``path`` atomically.
+
+    Raises:
+        MaedetError: the file cannot be written; a full disk is named with the room needed.
+    """
     data = text.encode("utf-8")
-    atomic_write(path, lambda f: f.write(data))
+    try:
+        atomic_write(path, lambda f: f.write(data))
+    except OSError as e:
+        why = disk_full_reason(path, len(data), e) or e.strerror or str(e)
+        raise MaedetError(f"cannot write {path}: {why}") from e

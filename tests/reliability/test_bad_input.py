@@ -10,6 +10,7 @@ tool also runs as a real subprocess.
 import errno
 import json
 import os
+import re
 import shutil
 
 import cv2
@@ -160,6 +161,10 @@ JSON_CASES = {
     "unknown image id": (_edit(lambda d: d["annotations"][2].update(image_id=999)), ["image_id 999", "'images'"]),
     "negative box": (_edit(_box(-3.0, 5.0)), ["annotation id 3", "bbox"]),
     "zero-area box": (_edit(_box(4.0, 0.0)), ["annotation id 3", "non-positive width or height"]),
+    "duplicate category name": (
+        _edit(lambda d: d["categories"][1].update(name=d["categories"][0]["name"])),
+        ["category ids 1 and 2 have the same name", "'circle'"],
+    ),
     "unknown category": (
         _edit(lambda d: d["annotations"][2].update(category_id=77)),
         ["category_id 77", "'categories'"],
@@ -192,6 +197,9 @@ def test_non_strict_split_drops_bad_annotations(tmp_path, toy, capsys):
     assert (tmp_path / "out" / "model_final.pth").is_file()
     logs = "".join(p.read_text() for p in (tmp_path / "out").glob("log*.txt"))
     assert "dropped 1 invalid annotation(s)" in logs and "annotation id 3" in logs
+    # the start of the log says what runs: threads, trainable and total parameters
+    assert re.search(r"\d+ torch threads per process", logs)
+    assert re.search(r"parameters: [\d,]+ trainable of [\d,]+ \(100\.0%\)", logs)
 
 
 def test_bad_annotation_json_subprocess(tmp_path, toy):
@@ -370,6 +378,38 @@ def test_disk_full_during_checkpoint_write_in_training(tmp_path, toy, capsys, mo
     assert (out / "last_checkpoint").read_text().strip() == "model_0000003.pth"
     assert load(out / "model_0000003.pth")["iter"] == 3
     assert sorted(f for f in os.listdir(out) if f.endswith((".pth", ".tmp"))) == ["model_0000003.pth"]
+
+
+def test_disk_full_reported_by_torchs_zip_writer_names_the_room_needed(tmp_path, toy, capsys, monkeypatch):
+    """A full disk as torch's zip writer reports it (a RuntimeError about the stream position,
+    not ENOSPC): one line naming the file, the bytes needed and free; the previous checkpoint
+    and the pointer stay valid."""
+    import shutil
+
+    out = tmp_path / "out"
+    cfg = write_pretrain_config(tmp_path / "c.yaml", out, toy["train_images"])
+    real_save, real_usage = torch.save, shutil.disk_usage
+    calls = []
+
+    def save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) >= 2:
+            f.write(b"PK\x03\x04partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8270464 vs 8270352")
+        return real_save(obj, f, *a, **k)
+
+    def usage(path):  # 64 kB left on the output's filesystem
+        u = real_usage(path)
+        return type(u)(u.total, u.total - 65536, 65536) if str(out) in str(path) else u
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    r = run_tool_inprocess("pretrain", ["--config", cfg], capsys)
+    assert_one_error(r, "cannot write checkpoint", str(out / "model_0000006.pth"), "No space left on device")
+    assert re.search(r"\(\d+\.\d MB needed, 0\.1 MB free in ", r.stderr), r.stderr
+    monkeypatch.undo()
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000003.pth"
+    assert load(out / "model_0000003.pth")["iter"] == 3
 
 
 def test_disk_full_and_kill_inside_checkpointer(tmp_path, monkeypatch):
