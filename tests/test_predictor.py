@@ -323,7 +323,11 @@ def test_infer_tool_end_to_end(tiny, predictor, tmp_path):
     )
     assert r.returncode == 1, r.stdout + r.stderr
     assert broken in r.stderr
-    assert "5 images, 1 failed" in r.stdout
+    # the last line sums up (score threshold 0: every readable image gets detections)
+    last = r.stdout.strip().splitlines()[-1]
+    n = len(json.load(open(results)))
+    where = f"pictures in {out_dir}, detections in {results}"
+    assert last == f"5 images, 1 failed, {n} detections, 0 images with none; {where}"
     toy_names = sorted(os.listdir(val_dir))
     sizes = {os.path.join(val_dir, n): (64, 64) for n in toy_names}
     sizes[extra] = (90, 150)
@@ -377,3 +381,16 @@ def test_infer_tool_no_input_matched(tiny, tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no input image matched" in errors[0], r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_infer_tool_says_which_images_got_no_detection(tiny, tmp_path):
+    images = tmp_path / "in"
+    images.mkdir()
+    for k in range(2):
+        cv2.imwrite(str(images / f"{k}.png"), np.full((48, 64, 3), 40 * k, np.uint8))
+    args = ["--config", tiny["config"], "--weights", tiny["weights"], "--input", str(images), "--device", "cpu"]
+    r = _run_infer(*args, "--score-thresh", "1.0", "--json", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[-2].startswith("no detection above --score-thresh 1.0 in: ") and str(images / "0.png") in lines[-2]
+    assert lines[-1] == f"2 images, 0 failed, 0 detections, 2 images with none; detections in {tmp_path / 'r.json'}"

@@ -29,7 +29,8 @@ With --coco-json the file can be scored directly with pycocotools' COCO.loadRes.
 The file is written atomically once all images are done.
 
 An unreadable image, or one too large for the memory left, is reported (one line
-naming it and why) and skipped; the run goes on with the next file. Exit code: 0 all
+naming it and why) and skipped; the run goes on with the next file. The last line sums
+up: images, failures, detections, images with none, and where the files are. Exit code: 0 all
 images done, 1 some failed, 2 bad arguments / config / checkpoint or no input matched.
 
 Images are read with their EXIF orientation applied (as viewers show them); masks
@@ -207,8 +208,8 @@ def main(args) -> int:
     predictor = build_predictor(
         args.config, args.weights, device=args.device, amp=args.amp, score_thresh=args.score_thresh, overrides=args.opts
     )
-    records, failed, used_names = [], [], set()
-    unknown_ids = 0
+    records, failed, used_names, without = [], [], set(), []
+    unknown_ids = detections = 0
 
     def image_id_for(index: int, path: str) -> int:
         nonlocal unknown_ids
@@ -240,10 +241,14 @@ def main(args) -> int:
             return None
 
     def flush(batch) -> None:
+        nonlocal detections
         if not batch:
             return
         outs = run(batch)
         for (index, path, img), out in zip(batch, outs or []):
+            detections += len(out["scores"])
+            if len(out["scores"]) == 0:
+                without.append(path)
             try:
                 if args.json:
                     recs = instances_to_coco_json(
@@ -294,11 +299,19 @@ def main(args) -> int:
             f"warning: {unknown_ids} images are not listed in {args.coco_json}; they got ids above {max_coco_id}",
             file=sys.stderr,
         )
-    if args.output:
-        print(f"pictures written to {args.output}", flush=True)
-    if args.json:
-        print(f"{len(records)} detections written to {args.json}", flush=True)
-    print(f"{len(paths)} images, {len(failed)} failed", flush=True)
+    if without:
+        print(
+            f"no detection above --score-thresh {args.score_thresh} in: {', '.join(without[:5])}"
+            + (f" and {len(without) - 5} more" if len(without) > 5 else ""),
+            flush=True,
+        )
+    where = [f"pictures in {args.output}"] if args.output else []
+    where += [f"detections in {args.json}"] if args.json else []
+    print(
+        f"{len(paths)} images, {len(failed)} failed, {detections} detections, {len(without)} images with none"
+        + (f"; {', '.join(where)}" if where else ""),
+        flush=True,
+    )
     return 1 if failed else 0
 
 
