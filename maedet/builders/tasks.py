@@ -67,6 +67,8 @@ def run_pretraining(cfg: Any, device: torch.device, resume: bool = False, extra_
         trainer.resume()
     trainer.train()
     path = os.path.join(cfg.output_dir, ENCODER_CHECKPOINT)
+    if trainer.was_finished and os.path.isfile(path):
+        return path
     if du.is_main_process():
         m = cfg.model
         meta: Dict[str, Any] = {

@@ -16,8 +16,10 @@ continuation is the same batch stream an uninterrupted run would see.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -39,9 +41,13 @@ from maedet.engine.steps import unwrap_model
 from maedet.utils import distributed as du
 from maedet.utils.amp import amp_dtype, autocast, resolve_amp
 from maedet.utils.errors import ConfigError, TrainingError
+from maedet.utils.fileio import atomic_write_text
 from maedet.utils.logger import format_seconds
 
-__all__ = ["Trainer", "DDPOptions", "HookBase", "get_rng_state", "set_rng_state", "unwrap_model"]
+__all__ = ["Trainer", "DDPOptions", "HookBase", "FINISHED_MARKER", "get_rng_state", "set_rng_state", "unwrap_model"]
+
+# The file a run writes into its output dir once training and its final steps are done.
+FINISHED_MARKER = "finished.json"
 
 logger = logging.getLogger("maedet")
 
@@ -205,6 +211,9 @@ class Trainer:
         self.skipped_steps = 0
         self.last_losses: Dict[str, float] = {}
         self._stop_signal: Optional[int] = None
+        # True when train() found the run already complete (trained and its after-train
+        # hooks done, e.g. the final evaluation): nothing was run again
+        self.was_finished = False
         self.metrics: Optional[MetricsWriter] = None
         self.last_optimizer_ms = 0.0
 
@@ -277,7 +286,23 @@ class Trainer:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return t.tolist()
 
+    @property
+    def finished_marker(self) -> str:
+        """Written when training and every after-train hook (the final evaluation) are done."""
+        return os.path.join(self.output_dir, FINISHED_MARKER)
+
     def train(self) -> None:
+        """Run the iterations left, then the after-train hooks. A run that is already complete
+        (resumed at ``max_iter`` with :attr:`finished_marker` present) says so and does nothing;
+        one resumed at ``max_iter`` whose after-train hooks never completed runs only those."""
+        if self.iter >= self.max_iter and os.path.isfile(self.finished_marker):
+            logger.info(
+                f"the run in {self.output_dir} is finished ({self.iter} of {self.max_iter} iterations, final steps "
+                "done): nothing to do. Train longer with a larger solver.max_iter and --resume, or start a new "
+                "run with another --output-dir"
+            )
+            self.was_finished = True
+            return
         self.metrics = MetricsWriter(self.output_dir, start_iter=self.iter, enabled=du.is_main_process())
         prev_handler = signal.getsignal(signal.SIGTERM)
         try:
@@ -287,10 +312,14 @@ class Trainer:
         try:
             for h in self.hooks:
                 h.before_train(self)
-            self._loop()
+            if self.iter < self.max_iter:
+                self._loop()
             if self._stop_signal is None:
                 for h in self.hooks:
                     h.after_train(self)
+                if du.is_main_process():
+                    atomic_write_text(self.finished_marker, json.dumps({"iter": self.iter, "max_iter": self.max_iter}))
+                du.synchronize()
         finally:
             if prev_handler is not None:
                 signal.signal(signal.SIGTERM, prev_handler)

@@ -142,3 +142,46 @@ def test_detection_sigkill_then_resume_is_bit_exact(tmp_path, det_cfg, det_ref):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
     _assert_same_run(det_ref, out, DET_ITERS, ["model_final.pth"])
+
+
+def _files(out):
+    """Bytes of every file of a run folder but its text log (which a later run appends to)
+    and its resolved config (here a copied run: it names the folder it was written in)."""
+    files = {}
+    for root, _, names in os.walk(out):
+        for n in names:
+            if not n.startswith("log") and n != "config.yaml":
+                p = os.path.join(root, n)
+                files[os.path.relpath(p, out)] = open(p, "rb").read()
+    return files
+
+
+@pytest.mark.parametrize("tool", ["pretrain", "train_net"])
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(
+    tmp_path, tool, pretrain_cfg, pretrain_ref, det_cfg, det_ref
+):
+    """--resume on a run that completed (trained, final weights and evaluation written):
+    exit 0, a line saying it is finished, no training, no evaluation, no file rewritten.
+    A run whose final steps never completed (no ``finished.json``) runs only those."""
+    import shutil
+
+    cfg, ref = (pretrain_cfg, pretrain_ref) if tool == "pretrain" else (det_cfg, det_ref)
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    before = _files(out)
+    assert "finished.json" in before
+    args = [f"tools/{tool}.py", "--config", cfg, "--output-dir", str(out), "--resume"]
+    r = run_tool(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"the run in {out} is finished" in r.stdout
+    assert "starting training" not in r.stdout and "evaluation" not in r.stdout
+    assert _files(out) == before
+    # the final steps interrupted: only they run again (detection: the evaluation)
+    os.remove(out / "finished.json")
+    final = "encoder_final.pth" if tool == "pretrain" else "model_final.pth"
+    os.remove(out / final)
+    r = run_tool(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "starting training" not in r.stdout and (out / final).is_file() and (out / "finished.json").is_file()
+    assert (tool == "pretrain") or "evaluation at iteration" in r.stdout
+    assert_same_state(load(out / final)["model"], load(ref / final)["model"], final)
