@@ -24,15 +24,15 @@ $(TOY)/annotations/instances_val.json:
 toy-data: .installed $(TOY)/annotations/instances_val.json
 
 quickstart: toy-data
-	$(PYTHON) tools/pretrain.py --config configs/quickstart/mae_tiny.yaml --output-dir $(QS)/mae
+	$(PYTHON) tools/pretrain.py --config configs/quickstart/mae_tiny.yaml --output-dir $(QS)/mae --overwrite
 	$(PYTHON) tools/train_net.py --config configs/quickstart/mask_rcnn_vit_tiny.yaml --output-dir $(QS)/det \
-		model.backbone.pretrained=$(QS)/mae/encoder_final.pth
+		--overwrite model.backbone.pretrained=$(QS)/mae/encoder_final.pth
 	$(PYTHON) tools/train_net.py --config configs/quickstart/mask_rcnn_vit_tiny.yaml --output-dir $(QS)/det \
 		--eval-only model.weights=$(QS)/det/model_final.pth
 	$(PYTHON) tools/infer.py --config configs/quickstart/mask_rcnn_vit_tiny.yaml \
 		--weights $(QS)/det/model_final.pth --input $(TOY)/val --output $(QS)/pictures \
 		--json $(QS)/pictures/results.json --score-thresh 0.5
-	@echo "quickstart done: pictures in $(QS)/pictures, AP table above, logs in $(QS)/"
+	@echo "quickstart done: pictures in $(QS)/pictures, AP table above (also $(QS)/det/eval/), logs in $(QS)/"
 
 lint: .installed
 	$(PYTHON) -m ruff check maedet tools tests datasets

@@ -28,7 +28,9 @@ from maedet.utils import distributed as du
 def main(args) -> int:
     overrides = list(args.opts) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_pretrain_config(args.config, overrides)
-    device = setup_run(cfg, args.config, cfg.train.device, cfg.train.seed, cfg.train.threads)
+    device = setup_run(
+        cfg, args.config, cfg.train.device, cfg.train.seed, cfg.train.threads, args.resume, args.overwrite
+    )
     run_pretraining(cfg, device, resume=args.resume)
     du.destroy_distributed()
     return 0

@@ -6,6 +6,7 @@ given iteration is the same for any number of processes or workers and after a
 resume (pass ``start = iteration * global_batch_size``).
 """
 
+import signal
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -78,10 +79,17 @@ def _loader_kwargs(
 ) -> Dict[str, Any]:
     kwargs: Dict[str, Any] = dict(num_workers=int(num_workers), pin_memory=bool(pin_memory))
     if num_workers > 0:
+        kwargs["worker_init_fn"] = _ignore_interrupt
         kwargs["persistent_workers"] = bool(persistent_workers)
         if prefetch_factor is not None:
             kwargs["prefetch_factor"] = int(prefetch_factor)
     return kwargs
+
+
+def _ignore_interrupt(worker_id: int) -> None:
+    """Workers leave Ctrl-C (which a terminal sends to the whole process group) to the main
+    process, which saves a checkpoint and stops them; they would otherwise die mid-batch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_train_loader(

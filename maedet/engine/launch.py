@@ -22,7 +22,16 @@ from maedet.utils import distributed as du
 from maedet.utils.errors import ConfigError, MaedetError
 from maedet.utils.logger import log_to_files, setup_logger
 
-__all__ = ["default_argument_parser", "run_tool", "setup_run", "launch", "check_writable_dir", "error_line"]
+__all__ = [
+    "default_argument_parser",
+    "run_tool",
+    "setup_run",
+    "launch",
+    "check_writable_dir",
+    "claim_output_dir",
+    "free_subdir",
+    "error_line",
+]
 
 logger = logging.getLogger("maedet")
 
@@ -35,6 +44,11 @@ def default_argument_parser(description: str) -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue from the newest checkpoint in the output directory (its last_checkpoint file)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a fresh run in an output directory that holds another run, deleting that run's files",
     )
     p.add_argument(
         "--num-gpus",
@@ -91,14 +105,75 @@ def check_writable_dir(path: str) -> None:
         raise ConfigError(f"output directory {path} is not writable: {e.strerror or e}") from e
 
 
-def setup_run(cfg: Any, config_path: str, device_name: str, seed: int, threads: int = 0) -> torch.device:
+# What a training run leaves in its output directory (tensorboard events in tb/, pictures in vis/).
+RUN_FILES = ("last_checkpoint", "metrics.jsonl", "finished.json", "model_final.pth", "encoder_final.pth", "tb", "vis")
+_RUN_FILE_PREFIXES = ("model_", "log", "config.yaml", "eval")
+
+
+def previous_run_files(output_dir: str) -> list:
+    """The files of a training run that made progress in ``output_dir`` (checkpoints,
+    metrics, final weights), sorted; [] for a missing or empty folder, or one whose run
+    stopped before its first checkpoint or logged iteration."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = sorted(os.listdir(output_dir))
+    return [n for n in names if n in RUN_FILES or (n.startswith("model_") and n.endswith(".pth"))]
+
+
+def claim_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
+    """A fresh run never writes into a folder that holds another run.
+
+    Raises:
+        ConfigError: ``output_dir`` holds another run's files and neither ``resume`` nor
+            ``overwrite`` is set; the message names the folder, what is in it and the choices.
+    With ``overwrite``, that run's files (checkpoints, metrics, logs, config, tb/, vis/) are
+    deleted first; other files in the folder are left alone.
+    """
+    found = previous_run_files(output_dir)
+    if not found or resume:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+        raise ConfigError(
+            f"output directory {output_dir} holds another run ({shown}); continue it with --resume, "
+            "choose another --output-dir, or pass --overwrite to delete that run's files and start over"
+        )
+    import shutil
+
+    for n in os.listdir(output_dir):
+        p = os.path.join(output_dir, n)
+        if n in RUN_FILES or n.startswith(_RUN_FILE_PREFIXES) or n.startswith(".model_"):
+            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+    logger.info(f"--overwrite: the previous run's files in {output_dir} were deleted")
+
+
+def free_subdir(parent: str, name: str) -> str:
+    """``parent/name``, or ``parent/name_2``, ``name_3`` ... : the first that does not exist yet."""
+    path, k = os.path.join(parent, name), 1
+    while os.path.exists(path):
+        k += 1
+        path = os.path.join(parent, f"{name}_{k}")
+    return path
+
+
+def setup_run(
+    cfg: Any,
+    config_path: str,
+    device_name: str,
+    seed: int,
+    threads: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> torch.device:
     """Join the process group, prepare the output dir, logs and seeds.
 
-    Writes the resolved config ``cfg`` (its ``output_dir`` is used) to
-    ``output_dir/config.yaml`` (rank 0).
+    A fresh run (not ``resume``) refuses an output dir that holds another run unless
+    ``overwrite`` (:func:`claim_output_dir`), before anything is written. Writes the
+    resolved config ``cfg`` (its ``output_dir`` is used) to ``output_dir/config.yaml`` (rank 0).
     """
     device = du.init_distributed(device_name)
     if du.is_main_process():
+        claim_output_dir(cfg.output_dir, resume, overwrite)
         check_writable_dir(cfg.output_dir)
     du.synchronize()
     setup_logger(cfg.output_dir)
@@ -238,18 +313,21 @@ def launch(fn: Callable, num_procs: int, args: Sequence[Any] = ()) -> None:
     except mp.ProcessRaisedException as e:
         print(f"error: a process failed:\n{e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C: the workers got SIGINT too; wait for them, no traceback
+    except KeyboardInterrupt:
+        # Ctrl-C: the workers in the terminal's process group got SIGINT too and save a
+        # checkpoint at the iteration they agree on; SIGTERM asks the same of any that did
+        # not (a second SIGINT would mean "stop at once"). A second Ctrl-C here stops waiting.
         for p in ctx.processes:
             if p.is_alive():
                 try:
-                    os.kill(p.pid, signal.SIGINT)
+                    os.kill(p.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
         for p in ctx.processes:
-            p.join(30)
+            p.join(60)
             if p.is_alive():
                 p.kill()
-        print("interrupted", file=sys.stderr)
+        print("interrupted: checkpoint saved; rerun with --resume to continue", file=sys.stderr)
         sys.exit(130)
     finally:
         if prev is not None:

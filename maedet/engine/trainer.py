@@ -277,6 +277,8 @@ class Trainer:
 
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
+        if signum == signal.SIGINT:  # a second Ctrl-C stops at once, saving nothing more
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _agree(self, flags: List[float]) -> List[float]:
         """Max of small per-rank flags across ranks (so all ranks take the same branch)."""
@@ -304,11 +306,12 @@ class Trainer:
             self.was_finished = True
             return
         self.metrics = MetricsWriter(self.output_dir, start_iter=self.iter, enabled=du.is_main_process())
-        prev_handler = signal.getsignal(signal.SIGTERM)
+        prev_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            signal.signal(signal.SIGTERM, self._on_signal)
+            for sig in prev_handlers:
+                signal.signal(sig, self._on_signal)
         except ValueError:  # not in the main thread
-            prev_handler = None
+            prev_handlers = {}
         try:
             for h in self.hooks:
                 h.before_train(self)
@@ -321,8 +324,8 @@ class Trainer:
                     atomic_write_text(self.finished_marker, json.dumps({"iter": self.iter, "max_iter": self.max_iter}))
                 du.synchronize()
         finally:
-            if prev_handler is not None:
-                signal.signal(signal.SIGTERM, prev_handler)
+            for sig, handler in prev_handlers.items():
+                signal.signal(sig, handler)
             self.metrics.close()
 
     def _loop(self) -> None:
@@ -440,12 +443,17 @@ class Trainer:
                 window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
             if stop_flag:
                 self._stop_signal = self._stop_signal or signal.SIGTERM
+                name = "Ctrl-C (SIGINT)" if self._stop_signal == signal.SIGINT else "SIGTERM"
                 logger.warning(
-                    f"received SIGTERM: saving a checkpoint at iteration {self.iter} and exiting; "
+                    f"received {name}: saving a checkpoint at iteration {self.iter} and exiting; "
                     "rerun with --resume to continue"
                 )
                 self.save_checkpoint()
-                raise SystemExit(143)
+                logger.warning(
+                    f"checkpoint {os.path.join(self.output_dir, f'model_{self.iter:07d}.pth')} written; continue "
+                    f"with the same command and --resume (output dir {self.output_dir})"
+                )
+                raise SystemExit(130 if self._stop_signal == signal.SIGINT else 143)
             if self.checkpoint_period > 0 and self.iter % self.checkpoint_period == 0 and self.iter < self.max_iter:
                 self.save_checkpoint()
             for h in self.hooks:

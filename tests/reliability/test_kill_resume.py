@@ -115,6 +115,30 @@ def test_pretrain_sigterm_and_sigkills_then_resume_is_bit_exact(tmp_path, pretra
     _assert_same_run(pretrain_ref, out, PRETRAIN_ITERS, ["encoder_final.pth"])
 
 
+def test_pretrain_ctrl_c_saves_a_checkpoint_that_resumes_bit_exact(tmp_path, pretrain_cfg, pretrain_ref):
+    """Ctrl-C as a terminal sends it (SIGINT to the whole process group, the DataLoader worker
+    included): a checkpoint of the iteration it stopped at, a message saying where and how to
+    resume, exit 130, no traceback; --resume then ends as the uninterrupted run."""
+    out = tmp_path / "run"
+    args = ["tools/pretrain.py", "--config", pretrain_cfg, "--output-dir", str(out), "train.num_workers=1"]
+    log = tmp_path / "log"
+    proc = start_tool(args, log)
+    at = random.Random(7).randint(3, 6)
+    signal_at_iteration(proc, log, at, signal.SIGCONT)  # wait for the iteration, then interrupt the group
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(60) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Traceback" not in text and "error:" not in text, text[-3000:]
+    done = completed_iters(out)
+    assert done >= at and "received Ctrl-C (SIGINT)" in text
+    assert f"checkpoint {out / f'model_{done:07d}.pth'} written" in text and "--resume" in text
+    assert (out / "last_checkpoint").read_text().strip() == f"model_{done:07d}.pth"
+    r = run_tool(args + ["--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at iteration {done}" in r.stdout
+    _assert_same_run(pretrain_ref, out, PRETRAIN_ITERS, ["encoder_final.pth"])
+
+
 # ------------------------------------------------------------------- detection
 @pytest.fixture(scope="module")
 def det_cfg(tmp_path_factory, toy):
