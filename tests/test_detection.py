@@ -226,6 +226,6 @@ def test_eval_only_reports_ap_and_writes_results(tmp_path, toy_root):
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout + r.stderr
     assert "| AP " in out and "bbox" in out and "segm" in out
-    metrics = json.load(open(tmp_path / "eval" / "eval_metrics.json"))
+    metrics = json.load(open(tmp_path / "eval" / "eval" / "eval_metrics.json"))  # the evaluation's own folder
     assert set(metrics["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
-    assert os.path.exists(tmp_path / "eval" / "coco_instances_results.json")
+    assert os.path.exists(tmp_path / "eval" / "eval" / "coco_instances_results.json")

@@ -318,7 +318,7 @@ def test_good_checkpoints_are_accepted(tmp_path, toy, checkpoints, capsys):
         capsys,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert os.path.exists(tmp_path / "out" / "eval_metrics.json")
+    assert os.path.exists(tmp_path / "out" / "eval" / "eval_metrics.json")
 
 
 @pytest.mark.parametrize("case", ["truncated", "pointer to missing file", "not a training checkpoint"])

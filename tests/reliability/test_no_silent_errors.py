@@ -244,11 +244,11 @@ def test_checkpoint_stores_classes_and_eval_refuses_other_ones(tmp_path, toy, tr
     line = assert_one_error(r, trained["weights"], other_json, "date", "test.class_mismatch=by_position")
     for name in meta["class_names"]:
         assert name in line
-    assert not (tmp_path / "out" / "coco_instances_results.json").exists()
+    assert not list((tmp_path / "out").glob("eval*/coco_instances_results.json"))
     # the documented override scores label i as the test set's i-th category
     r = run_tool_inprocess("train_net", args + ["test.class_mismatch=by_position"], capsys)
     assert r.returncode in (0, None), r.stderr[-3000:]
-    assert (tmp_path / "out" / "coco_instances_results.json").is_file()
+    assert len(list((tmp_path / "out").glob("eval*/coco_instances_results.json"))) == 1
 
 
 # ------------------------------------------------------------ bad annotations
