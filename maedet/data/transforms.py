@@ -97,15 +97,8 @@ def resize_image_pil(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor
     h, w = int(size[0]), int(size[1])
     if tuple(image.shape[-2:]) == (h, w):
         return image
-    return torch.from_numpy(_resize_hwc(image.permute(1, 2, 0).cpu().numpy(), (h, w))).permute(2, 0, 1)
-
-
-def _resize_hwc(arr: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """A uint8 (H, W, 3) array resized to ``size`` = (h, w) with PIL's bilinear filter."""
-    h, w = int(size[0]), int(size[1])
-    if arr.shape[:2] == (h, w):
-        return arr
-    return np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((w, h), Image.BILINEAR))
+    arr = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
+    return torch.from_numpy(np.asarray(Image.fromarray(arr).resize((w, h), Image.BILINEAR))).permute(2, 0, 1)
 
 
 class _Resize(v2.Transform):

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence, Tuple
 import torch
 
 from maedet.config.loader import save_config
+from maedet.engine.trainer import FINISHED_MARKER
 from maedet.utils import distributed as du
 from maedet.utils.errors import ConfigError, MaedetError
 from maedet.utils.logger import log_to_files, setup_logger
@@ -106,7 +107,7 @@ def check_writable_dir(path: str) -> None:
 
 
 # What a training run leaves in its output directory (tensorboard events in tb/, pictures in vis/).
-RUN_FILES = ("last_checkpoint", "metrics.jsonl", "finished.json", "model_final.pth", "encoder_final.pth", "tb", "vis")
+RUN_FILES = ("last_checkpoint", "metrics.jsonl", FINISHED_MARKER, "model_final.pth", "encoder_final.pth", "tb", "vis")
 _RUN_FILE_PREFIXES = ("model_", "log", "config.yaml", "eval")
 
 
