@@ -2,7 +2,13 @@
 """Convert checkpoints between maedet, the official MAE release, timm and detectron2's ViTDet.
 
 Usage:
+  python tools/convert_checkpoint.py --inspect FILE
   python tools/convert_checkpoint.py --from FORMAT --to FORMAT IN OUT [options]
+
+--inspect says what a file is: its format (official MAE release with or without the
+decoder, MAE training checkpoint, maedet pretraining / encoder / detection, detectron2
+ViTDet, timm), the model (size, patch and image size, parameters), what the file stores
+(norm_pix_loss, classes, iteration) and the commands that convert or use it.
 
 Formats:
   mae              official MAE pretrain release / maedet encoder_final.pth (in, out)
@@ -39,6 +45,7 @@ import argparse
 
 from maedet.builders.convert import conversion_options
 from maedet.checkpoint.convert import FORMATS, INPUT_FORMATS, OUTPUT_FORMATS, convert_checkpoint
+from maedet.checkpoint.describe import describe_checkpoint
 from maedet.checkpoint.formats.mae import PATCH_RESIZE_METHODS
 from maedet.checkpoint.io import load_checkpoint_file
 from maedet.engine.launch import run_tool
@@ -50,10 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="formats:\n" + "\n".join(f"  {k:<16} {v}" for k, v in FORMATS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--from", dest="src_format", required=True, choices=INPUT_FORMATS, help="input format")
-    p.add_argument("--to", dest="dst_format", required=True, choices=OUTPUT_FORMATS, help="output format")
-    p.add_argument("input", metavar="IN", help="input checkpoint file")
-    p.add_argument("output", metavar="OUT", help="output file (d2-vitdet: .pkl = numpy model-zoo form, else .pth)")
+    p.add_argument("--inspect", metavar="FILE", default=None, help="describe FILE and exit (nothing is written)")
+    p.add_argument("--from", dest="src_format", choices=INPUT_FORMATS, help="input format")
+    p.add_argument("--to", dest="dst_format", choices=OUTPUT_FORMATS, help="output format")
+    p.add_argument("input", metavar="IN", nargs="?", help="input checkpoint file")
+    p.add_argument(
+        "output", metavar="OUT", nargs="?", help="output file (d2-vitdet: .pkl = numpy model-zoo form, else .pth)"
+    )
     p.add_argument(
         "--config",
         default=None,
@@ -104,7 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.inspect is not None:
+        if args.src_format or args.dst_format or args.input or args.output:
+            parser.error("--inspect FILE takes no --from / --to / IN / OUT")
+        print(describe_checkpoint(args.inspect, trust=args.trust).table(), flush=True)
+        return 0
+    missing = [name for name, v in (("--from", args.src_format), ("--to", args.dst_format)) if not v]
+    missing += [name for name, v in (("IN", args.input), ("OUT", args.output)) if not v]
+    if missing:
+        parser.error(f"converting needs {', '.join(missing)} (or use --inspect FILE)")
     obj = load_checkpoint_file(args.input, map_location="cpu", weights_only=not args.trust)
     options = conversion_options(
         obj,

@@ -52,18 +52,27 @@ def _check_coco_images(ds: CocoInstanceDataset, what: str, policy: str, key: str
 
 
 def build_detection_dataset(
-    data_cfg: Any, split: str, train: bool, check: Optional[bool] = None
+    data_cfg: Any, split: str, train: bool, check: Optional[bool] = None, with_masks: bool = True
 ) -> CocoInstanceDataset:
     """The COCO-format dataset of ``data.{split}`` (resolved: ``json`` and ``images`` set).
 
     Training datasets decode targets and leave out images without instances;
-    evaluation datasets keep every image and read no annotation. With
+    evaluation datasets keep every image and read no annotation. ``with_masks``
+    (the model has a mask head): every annotation needs a segmentation; False:
+    box-only data (:class:`~maedet.data.coco.CocoInstanceDataset`). With
     ``data.check_images``, every image is checked first (:mod:`maedet.data.image_check`)
     and the bad ones fail the run or are left out (``data.on_bad_image``).
     """
     s = data_cfg[split]
     name = s.name or os.path.basename(s.json)
-    kwargs = dict(dataset_name=name, strict=s.strict, filter_empty=train, load_targets=train, mask_format=s.mask_format)
+    kwargs = dict(
+        dataset_name=name,
+        strict=s.strict,
+        filter_empty=train,
+        load_targets=train,
+        mask_format=s.mask_format,
+        with_masks=with_masks,
+    )
     ds = CocoInstanceDataset(s.json, s.images, **kwargs)
     if data_cfg.check_images if check is None else check:
         bad_ids = _check_coco_images(ds, f"{split} images of {name}", data_cfg.on_bad_image, "data.on_bad_image")

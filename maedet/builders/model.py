@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from maedet.checkpoint.describe import describe_for_error
 from maedet.checkpoint.io import load_checkpoint_file
 from maedet.checkpoint.pretrained import load_pretrained_backbone
 from maedet.checkpoint.report import shape_of, unwrap_state_dict
@@ -22,6 +23,7 @@ __all__ = [
     "build_component",
     "build_detection_model",
     "detection_layout",
+    "predicts_masks",
     "load_detection_weights",
     "build_mae_model",
     "section_dict",
@@ -84,6 +86,16 @@ def build_detection_model(model_cfg: Any, num_classes: int, load_pretrained: boo
     return build_component(DETECTORS, m.meta_arch, "model.meta_arch", **{k: v for k, v in parts.items() if k in wanted})
 
 
+def predicts_masks(model_cfg: Any) -> bool:
+    """Whether the detector of a ``model`` config has a mask head: its RoI heads'
+    ``mask_on`` (``model.roi_heads.mask_on``, else the registered head's default)."""
+    section = section_dict(model_cfg.roi_heads)
+    if "mask_on" in section:
+        return bool(section["mask_on"])
+    param = inspect.signature(ROI_HEADS.get(section["name"])).parameters.get("mask_on")
+    return param is not None and bool(param.default)
+
+
 def detection_layout(model_cfg: Any, num_classes: int) -> OrderedDict[str, torch.Tensor]:
     """The detector's state dict with ``meta`` tensors: its keys and shapes, nothing allocated."""
     with torch.device("meta"):
@@ -99,17 +111,27 @@ def load_detection_weights(model: nn.Module, path: str) -> Dict[str, Any]:
         raise CheckpointError(f"{path} is not a checkpoint dictionary")
     weights = unwrap_state_dict(state, path)
     own = model.state_dict()
-    for k, v in own.items():
-        if k not in weights:
-            raise CheckpointError(f"{path}: missing key '{k}' (is it a detection checkpoint for this model?)")
-        if shape_of(weights[k]) != shape_of(v):
-            raise CheckpointError(
-                f"{path}: key '{k}' has shape {shape_of(weights[k])}, the model expects "
-                f"{shape_of(v)} (other model size or number of classes?)"
-            )
+    problem = None
+    missing = [k for k in own if k not in weights]
     extra = sorted(set(weights) - set(own))
-    if extra:
-        raise CheckpointError(f"{path}: unexpected key '{extra[0]}' ({len(extra)} in all) for this model")
+    mask_keys = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")
+    if missing and all(k.startswith(mask_keys) for k in missing):
+        problem = f"has no mask head (missing '{missing[0]}'): a box-only model needs model.roi_heads.mask_on=false"
+    elif missing:
+        problem = f"missing key '{missing[0]}' ({len(missing)} in all; is it a detection checkpoint for this model?)"
+    elif extra and all(k.startswith(mask_keys) for k in extra):
+        problem = f"has a mask head ('{extra[0]}') that this model lacks (model.roi_heads.mask_on=false?)"
+    elif extra:
+        problem = f"unexpected key '{extra[0]}' ({len(extra)} in all) for this model"
+    else:
+        k = next((k for k, v in own.items() if shape_of(weights[k]) != shape_of(v)), None)
+        if k is not None:
+            problem = (
+                f"key '{k}' has shape {shape_of(weights[k])}, the model expects "
+                f"{shape_of(own[k])} (other model size or number of classes?)"
+            )
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}{describe_for_error(state, path)}")
     model.load_state_dict(weights)
     logger.info(f"loaded detection weights from {path}")
     meta = state.get("meta") if isinstance(state.get("meta"), Mapping) else {}

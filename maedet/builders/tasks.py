@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
 
 from maedet.builders.data import build_detection_dataset, build_pretrain_dataset, build_test_loader
-from maedet.builders.model import build_detection_model, build_mae_model, load_detection_weights
+from maedet.builders.model import build_detection_model, build_mae_model, load_detection_weights, predicts_masks
 from maedet.builders.trainer import build_trainer
 from maedet.checkpoint.convert import peek_meta
 from maedet.checkpoint.formats.maedet import DETECTION_FORMAT
@@ -79,6 +79,8 @@ def run_pretraining(cfg: Any, device: torch.device, resume: bool = False, extra_
             "embed_dim": m.embed_dim,
             "depth": m.depth,
             "num_heads": m.num_heads,
+            "norm_pix_loss": bool(m.norm_pix_loss),
+            "mask_ratio": float(m.mask_ratio),
         }
         atomic_save({"model": unwrap_model(trainer.model).encoder_state_dict(), "meta": meta}, path)
         logger.info(f"encoder checkpoint written: {path}")
@@ -126,9 +128,28 @@ def check_class_match(meta: Mapping[str, Any], test: CocoInstanceDataset, weight
     )
 
 
+def eval_tasks(model_cfg: Any) -> Tuple[str, ...]:
+    """COCO tasks a detector is scored on: ``bbox`` and, with a mask head, ``segm``."""
+    return ("bbox", "segm") if predicts_masks(model_cfg) else ("bbox",)
+
+
+def best_metric(cfg: Any) -> str:
+    """``test.best_metric``, by default the AP of the last task (``segm/AP``, box-only ``bbox/AP``)."""
+    tasks = eval_tasks(cfg.model)
+    metric = cfg.test.best_metric or f"{tasks[-1]}/AP"
+    if metric.split("/", 1)[0] not in tasks:
+        raise ConfigError(
+            f"test.best_metric={metric!r} is not computed: the model is scored on {', '.join(tasks)} "
+            "(model.roi_heads.mask_on=false has no segm); use e.g. bbox/AP"
+        )
+    return metric
+
+
 def _make_eval_fn(cfg: Any, test_ds: CocoInstanceDataset, device: torch.device):
     loader = build_test_loader(test_ds, cfg.test)
-    evaluator = COCOEvaluator(test_ds.coco, test_ds.label_to_cat_id, output_dir=cfg.output_dir)
+    evaluator = COCOEvaluator(
+        test_ds.coco, test_ds.label_to_cat_id, tasks=eval_tasks(cfg.model), output_dir=cfg.output_dir
+    )
     dtype = amp_dtype(cfg.train.amp, device)
 
     def eval_fn(model) -> Results:
@@ -148,7 +169,8 @@ def _checkpoint_meta(cfg: Any, train_ds: CocoInstanceDataset, num_classes: int) 
 
 def run_detection_training(cfg: Any, device: torch.device, resume: bool = False) -> Results:
     """Train as configured, write ``model_final.pth``, then evaluate; returns the final COCO results (rank 0)."""
-    train_ds = build_detection_dataset(cfg.data, "train", train=True)
+    masks = predicts_masks(cfg.model)
+    train_ds = build_detection_dataset(cfg.data, "train", train=True, with_masks=masks)
     num_classes = cfg.model.num_classes or len(train_ds.class_names)
     if num_classes != len(train_ds.class_names):
         raise ConfigError(
@@ -156,7 +178,7 @@ def run_detection_training(cfg: Any, device: torch.device, resume: bool = False)
             f"{len(train_ds.class_names)} categories"
         )
     logger.info(f"training set {train_ds.dataset_name}: {len(train_ds)} images, {num_classes} classes")
-    test_ds = build_detection_dataset(cfg.data, "test", train=False)
+    test_ds = build_detection_dataset(cfg.data, "test", train=False, with_masks=masks)
     if _categories(test_ds.class_names, test_ds.label_to_cat_id) != _categories(
         train_ds.class_names, train_ds.label_to_cat_id
     ):
@@ -171,7 +193,7 @@ def run_detection_training(cfg: Any, device: torch.device, resume: bool = False)
         model.backbone.net = torch.compile(model.backbone.net)
     meta = _checkpoint_meta(cfg, train_ds, num_classes)
     eval_hook = EvalHook(
-        cfg.test.eval_period, _make_eval_fn(cfg, test_ds, device), cfg.test.best_metric, cfg.output_dir, meta
+        cfg.test.eval_period, _make_eval_fn(cfg, test_ds, device), best_metric(cfg), cfg.output_dir, meta
     )
     # The final weights are written before the final evaluation runs.
     hooks = [FinalWeightsHook(cfg.output_dir, meta), eval_hook]
@@ -187,7 +209,7 @@ def run_evaluation(cfg: Any, device: torch.device) -> Results:
     """``--eval-only``: load ``model.weights`` and evaluate on ``data.test``."""
     if not cfg.model.weights:
         raise ConfigError("--eval-only needs model.weights=CHECKPOINT")
-    test_ds = build_detection_dataset(cfg.data, "test", train=False)
+    test_ds = build_detection_dataset(cfg.data, "test", train=False, with_masks=predicts_masks(cfg.model))
     meta = peek_meta(cfg.model.weights)
     check_class_match(meta, test_ds, cfg.model.weights, cfg.test.class_mismatch)
     num_classes = cfg.model.num_classes or meta.get("num_classes") or len(test_ds.class_names)

@@ -8,6 +8,7 @@ file. ``load_checkpoint_file`` turns every way a file can be wrong into one
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 from typing import Any, Optional
@@ -94,7 +95,10 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu", weights_only: Opt
                 ) from e
             raise CheckpointError(f"cannot read pickle checkpoint {path}: {msg}") from e
     try:
-        return torch.load(path, map_location=map_location, weights_only=bool(weights_only))
+        # MAE's own training checkpoints pickle their argparse arguments: a plain
+        # namespace of values, safe to allow (its norm_pix_loss is worth reading)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=bool(weights_only))
     except pickle.UnpicklingError as e:
         msg = str(e)
         with open(path, "rb") as f:

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from maedet.checkpoint.describe import describe_for_error
 from maedet.checkpoint.io import load_checkpoint_file
 from maedet.checkpoint.report import Report, shape_of, unwrap_state_dict
 from maedet.utils.errors import CheckpointError
@@ -50,11 +51,12 @@ def load_pretrained_backbone(
         raise CheckpointError(
             f"checkpoint {source} has no recognizable keys for this backbone "
             f"(no recognizable ViT keys, e.g. patch_embed.proj.weight, blocks.0.*; found: {sample})"
+            + describe_for_error(obj, source)
         )
     try:
         fitted = backbone.filter_pretrained(state)
     except CheckpointError as e:
-        raise CheckpointError(f"checkpoint {source}: {e}") from e
+        raise CheckpointError(f"checkpoint {source}: {e}{describe_for_error(obj, source)}") from e
     report = Report(source, "pretrained backbone")
     for k, v in state.items():
         if k in fitted:

@@ -239,7 +239,8 @@ class TestConfig:
     eval_period: int = bounded(0, ge=0)  # evaluate every N iterations (and always at the end); 0 = end only
     batch_size: int = bounded(1, ge=1)
     num_workers: int = bounded(2, ge=0)
-    best_metric: str = "segm/AP"  # which number picks model_best.pth
+    # which number picks model_best.pth; "" = segm/AP, or bbox/AP for a model without masks
+    best_metric: str = ""
     # error: a checkpoint whose classes differ from the test set's stops the run;
     # by_position: label i of the model is scored as the test set's i-th category
     class_mismatch: Literal["error", "by_position"] = "error"

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import warnings
-from typing import Any, Callable, Dict, List, Literal, Optional, Set
+from typing import Any, Callable, Dict, List, Literal, Optional, Set, Union
 
 import numpy as np
 import torch
@@ -90,16 +90,19 @@ def _entry_id(where: str, section: str, k: int, entry: Any, seen, kind: str) -> 
     return entry["id"]
 
 
-def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[str] = None) -> COCO:
+def load_coco_json(
+    json_file: str, strict: bool = True, dataset_name: Optional[str] = None, require_masks: bool = True
+) -> COCO:
     """Read and validate a COCO instances json.
 
     Checks: valid JSON object; lists ``images``, ``annotations``, ``categories``;
     unique image, category and annotation ids and image file names; every annotation refers to a known
-    image and category, has a ``bbox`` with width and height > 0 and a usable
-    segmentation (polygons with >= 3 points, or an RLE of the image's size).
+    image and category, has a ``bbox`` with width and height > 0 and (with
+    ``require_masks``) a usable segmentation (polygons with >= 3 points, or an RLE
+    of the image's size).
     Missing ``info``/``licenses`` are filled with empty values, a missing ``iscrowd``
-    with 0 and a missing ``area`` with the mask area, so that ``COCO.loadRes`` and
-    ``COCOeval`` work on the result.
+    with 0 and a missing ``area`` with the mask area (the box area for an annotation
+    without a segmentation), so that ``COCO.loadRes`` and ``COCOeval`` work on the result.
 
     Args:
         json_file: path of the json.
@@ -108,6 +111,10 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
             (naming the ids); if False such annotations (and the later of two
             same-named images) are dropped with one warning giving their number.
         dataset_name: name used in messages.
+        require_masks: every annotation must have a segmentation (a model with a mask
+            head); False: box-only data, segmentations are neither needed nor checked.
+            A json without any segmentation, or (``strict``) with some annotations
+            lacking one, raises naming them and the ways out.
 
     Returns:
         A ``pycocotools.coco.COCO`` indexed on the validated data.
@@ -172,6 +179,7 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
 
     ann_ids = set()
     kept = []
+    no_segm: List[int] = []  # annotations without a segmentation (``require_masks``)
     for k, ann in enumerate(data["annotations"]):
         aid = _entry_id(where, "annotations", k, ann, ann_ids, "annotation")
         ann_ids.add(aid)
@@ -198,9 +206,10 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
             problem = f"a bbox with non-positive width or height {bbox} (expected width and height > 0)"
         elif bbox[0] >= img["width"] or bbox[1] >= img["height"] or bbox[0] + bbox[2] <= 0 or bbox[1] + bbox[3] <= 0:
             problem = f"a bbox {bbox} entirely outside its image ({img['width']}x{img['height']}, width x height)"
-        elif "segmentation" not in ann:
-            raise DatasetError(f"{where}: annotation id {aid} has no 'segmentation' (expected polygons or RLE)")
-        else:
+        elif require_masks and "segmentation" not in ann:
+            no_segm.append(aid)
+            continue
+        elif require_masks:
             problem = _segmentation_problem(ann["segmentation"], img["height"], img["width"])
         if problem is not None:
             if strict:
@@ -212,6 +221,8 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
             dropped.append(f"annotation id {aid} has {problem}")
             continue
         kept.append(ann)
+    if no_segm:
+        _missing_segmentations(where, no_segm, len(kept) + len(no_segm), strict, dropped)
     if dropped:
         n_img = len(dropped_images)
         what = f"{len(dropped) - n_img} invalid annotation(s)"
@@ -230,8 +241,29 @@ def load_coco_json(json_file: str, strict: bool = True, dataset_name: Optional[s
         coco.createIndex()
     for ann in data["annotations"]:
         if not _is_number(ann.get("area")):
-            ann["area"] = float(mask_utils.area(coco.annToRLE(ann)))
+            if "segmentation" in ann and require_masks:
+                ann["area"] = float(mask_utils.area(coco.annToRLE(ann)))
+            else:
+                ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
     return coco
+
+
+def _missing_segmentations(where: str, ids: List[int], total: int, strict: bool, dropped: List[str]) -> None:
+    """Refuse (or, not ``strict``, drop) annotations without a segmentation for a model with masks."""
+    off = "model.roi_heads.mask_on=false (a detector without the mask head, scored by bbox AP)"
+    if len(ids) == total:
+        raise DatasetError(
+            f"{where}: no annotation has a 'segmentation' (box-only data); the model has a mask head: "
+            f"train and evaluate box-only with {off}"
+        )
+    shown = ", ".join(str(i) for i in ids[:8]) + (", ..." if len(ids) > 8 else "")
+    if strict:
+        raise DatasetError(
+            f"{where}: {len(ids)} of {total} annotations have no 'segmentation' (annotation ids {shown}) and the "
+            f"model has a mask head; either add their masks, use every box without masks with {off}, or drop "
+            "these annotations with strict=False (config: data.train.strict / data.test.strict)"
+        )
+    dropped.extend(f"annotation id {i} has no 'segmentation' (the model has a mask head)" for i in ids)
 
 
 def decode_masks(rles: List[dict], height: int, width: int) -> np.ndarray:
@@ -267,14 +299,16 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             all polygons gets :class:`~maedet.structures.PolygonMasks`, transformed as
             polygons and rasterized per RoI; an image with an RLE instance gets bitmaps
             for all its instances. ``"bitmask"``: always bitmaps.
+        with_masks: targets carry ``masks`` and every annotation needs a
+            segmentation; False: box-only (no ``masks`` key; see :func:`load_coco_json`).
 
     ``dataset[i]`` returns ``(image, target)`` (before ``transforms``):
 
     - ``image``: ``tv_tensors.Image`` uint8 ``(3, H, W)``, RGB;
     - ``target["boxes"]``: ``tv_tensors.BoundingBoxes`` float32 ``(N, 4)``, XYXY, canvas ``(H, W)``;
     - ``target["labels"]``: int64 ``(N,)`` in ``1..K``;
-    - ``target["masks"]``: :class:`~maedet.structures.PolygonMasks` of N instances, or
-      ``tv_tensors.Mask`` uint8 ``(N, H, W)`` with values 0/1 (see ``mask_format``);
+    - ``target["masks"]`` (``with_masks``): :class:`~maedet.structures.PolygonMasks` of N
+      instances, or ``tv_tensors.Mask`` uint8 ``(N, H, W)`` with values 0/1 (see ``mask_format``);
     - ``target["image_id"]``: ``int``, the COCO image id;
     - ``target["orig_size"]``: ``(H, W)`` ints, the size of the image file.
 
@@ -293,17 +327,18 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         strict: bool = True,
         load_targets: bool = True,
         mask_format: Literal["polygon", "bitmask"] = "polygon",
+        with_masks: bool = True,
     ):
         if mask_format not in ("polygon", "bitmask"):
             raise ValueError(f"mask_format must be 'polygon' or 'bitmask', got {mask_format!r}")
-        self.mask_format = mask_format
+        self.mask_format, self.with_masks = mask_format, bool(with_masks)
         self.json_file, self.image_root, self.dataset_name = json_file, image_root, dataset_name
         self.transforms, self.filter_empty, self.load_targets = transforms, filter_empty, load_targets
         where = json_file if dataset_name is None else f"{json_file} (dataset {dataset_name})"
         self._where = where
         if not os.path.isdir(image_root):
             raise DatasetError(f"image folder not found: {image_root} (images of {where})")
-        self.coco = load_coco_json(json_file, strict=strict, dataset_name=dataset_name)
+        self.coco = load_coco_json(json_file, strict=strict, dataset_name=dataset_name, require_masks=self.with_masks)
 
         self.cat_ids: List[int] = sorted(self.coco.cats.keys())
         self.cat_id_to_label: Dict[int, int] = {c: i + 1 for i, c in enumerate(self.cat_ids)}
@@ -367,23 +402,24 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
             boxes = boxes.to(torch.float32)
-            if self.mask_format == "polygon" and all(isinstance(a["segmentation"], list) for a in anns):
-                masks = PolygonMasks([a["segmentation"] for a in anns])
-            else:
-                rles = [self.coco.annToRLE(a) for a in anns]
-                masks = tv_tensors.Mask(torch.from_numpy(decode_masks(rles, height, width)))
             labels = torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
         else:
             boxes = torch.zeros((0, 4), dtype=torch.float32)
-            masks = tv_tensors.Mask(torch.zeros((0, height, width), dtype=torch.uint8))
             labels = torch.zeros((0,), dtype=torch.int64)
-        return {
+        target: Dict[str, Any] = {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
             "labels": labels,
-            "masks": masks,
-            "image_id": int(iid),
-            "orig_size": (int(height), int(width)),
         }
+        if self.with_masks:
+            target["masks"] = self._masks(anns, height, width)
+        target.update(image_id=int(iid), orig_size=(int(height), int(width)))
+        return target
+
+    def _masks(self, anns: List[dict], height: int, width: int) -> Union[PolygonMasks, tv_tensors.Mask]:
+        if anns and self.mask_format == "polygon" and all(isinstance(a["segmentation"], list) for a in anns):
+            return PolygonMasks([a["segmentation"] for a in anns])
+        rles = [self.coco.annToRLE(a) for a in anns]
+        return tv_tensors.Mask(torch.from_numpy(decode_masks(rles, height, width)))
 
     def __getitem__(self, index: int):
         iid = self.image_ids[index]

@@ -253,13 +253,15 @@ class LargeScaleJitter:
         self, image: torch.Tensor, target: Dict[str, Any], params: LSJParams
     ) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """The jitter ``params`` applied to ``image`` (uint8 ``(3, H, W)``) and ``target``
-        (``boxes``, ``labels``, ``masks``; other keys are kept as they are)."""
+        (``boxes``, ``labels``, ``masks`` if present; other keys are kept as they are).
+        Without masks (box-only data) the boxes are transformed and clipped, never
+        recomputed (detectron2's ``transform_instance_annotations``)."""
         H, W = int(image.shape[-2]), int(image.shape[-1])
         (h, w), (y0, x0), side = params.size, params.crop, self.image_size
         boxes = target["boxes"].as_subclass(torch.Tensor).to(torch.float64).reshape(-1, 4)
-        masks = target["masks"]
+        masks = target.get("masks")
         polygons = isinstance(masks, PolygonMasks)
-        if not polygons:
+        if masks is not None and not polygons:
             masks = masks.as_subclass(torch.Tensor).to(torch.uint8)
         # The image goes through PIL once: resized, mirrored (after the resize: the same
         # pixels as before it, PIL's filter is symmetric), cropped, then read out.
@@ -272,22 +274,26 @@ class LargeScaleJitter:
         img = torch.from_numpy(np.ascontiguousarray(np.asarray(pil).transpose(2, 0, 1)))
         if params.hflip:
             boxes = torch.stack([W - boxes[:, 2], boxes[:, 1], W - boxes[:, 0], boxes[:, 3]], dim=1)
-            masks = masks.hflip(W) if polygons else masks.flip(-1)
         boxes = boxes * torch.tensor([w * 1.0 / W, h * 1.0 / H] * 2, dtype=torch.float64)
-        masks = masks.resize(H, W, h, w) if polygons else _resize_bitmasks(masks, (h, w))
         out_h, out_w = int(img.shape[-2]), int(img.shape[-1])
         boxes = boxes - torch.tensor([x0, y0, x0, y0], dtype=torch.float64)
         boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([out_w, out_h] * 2, dtype=torch.float64))
-        masks = masks.crop(x0, y0, side, side) if polygons else masks[:, y0 : y0 + side, x0 : x0 + side]
-        if self.recompute_boxes:
-            boxes = masks.bounding_boxes() if polygons else masks_to_tight_boxes(masks)
+        if masks is not None:
+            if params.hflip:
+                masks = masks.hflip(W) if polygons else masks.flip(-1)
+            masks = masks.resize(H, W, h, w) if polygons else _resize_bitmasks(masks, (h, w))
+            masks = masks.crop(x0, y0, side, side) if polygons else masks[:, y0 : y0 + side, x0 : x0 + side]
+            if self.recompute_boxes:
+                boxes = masks.bounding_boxes() if polygons else masks_to_tight_boxes(masks)
         boxes = boxes.to(torch.float32)
         keep = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)
-        keep &= masks.nonempty() if polygons else masks.flatten(1).bool().any(dim=1)
+        if masks is not None:
+            keep &= masks.nonempty() if polygons else masks.flatten(1).bool().any(dim=1)
         out = dict(target)
         out["boxes"] = tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(out_h, out_w))
         out["labels"] = target["labels"][keep]
-        out["masks"] = masks[keep] if polygons else tv_tensors.Mask(masks[keep].contiguous())
+        if masks is not None:
+            out["masks"] = masks[keep] if polygons else tv_tensors.Mask(masks[keep].contiguous())
         if isinstance(image, tv_tensors.Image):
             img = tv_tensors.Image(img)
         return img, out

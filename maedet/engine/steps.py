@@ -25,10 +25,8 @@ def detection_loss(
     """batch = (uint8 images, targets, seeds) from the detection loader -> the detector's losses."""
     images, targets, _ = batch
     images = [img.to(device, non_blocking=True) for img in images]
-    targets = [
-        {"boxes": t["boxes"].to(device), "labels": t["labels"].to(device), "masks": t["masks"].to(device)}
-        for t in targets
-    ]
+    keys = ("boxes", "labels", "masks")  # no masks in box-only data
+    targets = [{k: t[k].to(device) for k in keys if k in t} for t in targets]
     return model(images, targets)
 
 

@@ -275,7 +275,14 @@ def encoder_checkpoint(
 ) -> Dict[str, Any]:
     """An MAE-format file ``{"model": encoder, "meta": {...}}`` (what ``tools/pretrain.py`` writes)."""
     meta = {"format": "maedet-mae-encoder", **{k: int(v) for k, v in info.items()}, **extra}
-    heads = num_heads or meta_of(src_obj).get("num_heads")
+    src_meta = meta_of(src_obj)
+    heads = num_heads or src_meta.get("num_heads")
     if heads:
         meta["num_heads"] = int(heads)
+    # how the encoder was pretrained, when the source says (maedet meta, MAE's training args)
+    args = src_obj.get("args") if isinstance(src_obj, Mapping) else None
+    for key in ("norm_pix_loss", "mask_ratio"):
+        value = src_meta.get(key, getattr(args, key, None))
+        if value is not None:
+            meta[key] = value
     return {"model": dict(state), "meta": meta}
