@@ -274,10 +274,23 @@ def test_bf16_autocast_on_cpu(predictor, tiny):
 
 
 def test_score_thresh_and_checkpoint_class_names(tiny):
-    p = build_predictor(tiny["config"], tiny["weights"], score_thresh=0.3, class_names=["x", "y", "z"])
-    out = p(_random_image(96, 128))
-    assert (out["scores"] >= 0.3).all()
-    assert set(out["class_names"]) <= {"x", "y", "z"}
+    """A threshold keeps exactly the detections scoring above it (a random model's scores
+    spread around 1 / (K + 1), so the threshold is set between two of its scores), named
+    by the checkpoint's classes unless class_names renames them."""
+    img = _random_image(96, 128)
+    low = build_predictor(tiny["config"], tiny["weights"], score_thresh=0.0)(img)
+    scores = np.sort(np.unique(low["scores"]))
+    assert len(scores) >= 4, low["scores"]
+    k = len(scores) // 2
+    thresh = float(scores[k - 1] + scores[k]) / 2
+    high = build_predictor(tiny["config"], tiny["weights"], score_thresh=thresh)(img)
+    keep = low["scores"] > thresh
+    assert 0 < len(high["scores"]) == int(keep.sum()) < len(low["scores"])
+    np.testing.assert_allclose(np.sort(high["scores"]), np.sort(low["scores"][keep]), rtol=1e-6)
+    assert set(high["class_names"]) <= set(tiny["class_names"])
+    assert list(high["class_names"]) == [tiny["class_names"][i - 1] for i in high["labels"]]
+    renamed = build_predictor(tiny["config"], tiny["weights"], score_thresh=thresh, class_names=["x", "y", "z"])(img)
+    assert list(renamed["class_names"]) == [["x", "y", "z"][i - 1] for i in renamed["labels"]]
 
 
 # ------------------------------------------------------------ tools/infer.py

@@ -23,7 +23,7 @@ Examples:
   python tools/benchmark.py --config configs/mae/mae_vit_base_patch16.yaml --task pretrain \\
       --batch-size 8 --amp off --iters 5 --warmup 1 --flops
   python tools/benchmark.py --config configs/coco/mask_rcnn_vit_b_100ep.yaml --task train \\
-      --batch-size 1 --amp off --iters 2 --warmup 1 --compare model.backbone.attn_impl=sdpa,explicit
+      --batch-size 1 --amp off --iters 2 --warmup 1 --compare kernels=fast,reference
   python tools/benchmark.py --config configs/coco/mask_rcnn_vit_b_100ep.yaml --task data \\
       --workers 2 data.train.name=coco128
   python tools/benchmark.py --config configs/coco/mask_rcnn_vit_b_100ep.yaml --task train --batch-size 1 \\
@@ -40,7 +40,7 @@ count is set (--threads, else train.threads, else torch's default) and reported,
 process CPU time is reported next to wall time. Peak memory: CUDA
 ``max_memory_allocated`` above the memory before the run; CPU: resident set sampled
 every 2 ms (maedet.utils.profiling). FLOPs (--flops): fvcore ``FlopCountAnalysis``
-(one multiply-add = one flop) with attn_impl=explicit; on CUDA, --peak-tflops gives
+(one multiply-add = one flop) with the reference kernels; on CUDA, --peak-tflops gives
 model FLOP utilization = 2 x flops x (3 training, 1 inference) / time / peak.
 """
 
@@ -61,6 +61,7 @@ prepare_process()  # before torch is imported (huge pages for large CPU tensors)
 
 import torch
 
+from maedet import kernels
 from maedet.benchmark import pipelines, workloads
 from maedet.builders import load_detection_config, load_pretrain_config
 from maedet.config.loader import load_yaml_with_bases
@@ -136,15 +137,32 @@ def variants(args) -> List[List[str]]:
 
 
 # ----------------------------------------------------------------------------- measuring
+def _kernel_setting(variant: List[str]) -> Tuple[List[str], bool]:
+    """A variant's config overrides, and its kernels (``kernels=fast|reference``, not a config key)."""
+    rest = [v for v in variant if not v.startswith("kernels=")]
+    chosen = [v.split("=", 1)[1] for v in variant if v.startswith("kernels=")]
+    if any(c not in ("fast", "reference") for c in chosen):
+        raise SystemExit(f"error: kernels={chosen[0]!r}: expected fast or reference")
+    return rest, (chosen[-1] == "fast") if chosen else kernels.fast_enabled()
+
+
 def measure(args, device: torch.device, var_list: List[List[str]]) -> List[Dict[str, Any]]:
-    cfgs = [load_cfg(args, list(args.opts) + v)[0] for v in var_list]
+    settings = [_kernel_setting(v) for v in var_list]
+    cfgs = [load_cfg(args, list(args.opts) + v)[0] for v, _ in settings]
     amp = [resolve_amp(c.train.amp, device) for c in cfgs]
     loads = workloads.make_workloads(args.task, cfgs, [" ".join(v) for v in var_list], device, amp, args.infer_batches)
+
+    def variant_of(name: str) -> int:  # a workload is named by its variant, maybe + " batch=N"
+        joined = [" ".join(v) for v in var_list]
+        return next(i for i, j in enumerate(joined) if name == j or name.startswith(j + " ") or not j)
+
+    fast = {name: settings[variant_of(name)][1] for name, _ in loads}
     meter = Meter(device)
     rec = {name: {"wall": [], "cpu": [], "peak": [], "abs": [], "opt": [], "last": None} for name, _ in loads}
     for r in range(args.warmup + args.iters):
         for name, w in loads:
-            wall, cpu, peak, absolute, res = meter(w.step)
+            with kernels.fast(fast[name]):
+                wall, cpu, peak, absolute, res = meter(w.step)
             if res.get("saved_activations_mb") is not None:
                 rec[name]["saved"] = res["saved_activations_mb"]  # first run only (the same graph every step)
             if r >= args.warmup:  # warm-up runs allocate lasting state (optimizer moments): not counted
@@ -516,6 +534,9 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is available")
     try:
+        opts, fast = _kernel_setting(list(args.opts))  # kernels=fast|reference is the process switch
+        kernels.set_fast(fast)
+        args.opts = opts
         probe_cfg, kind = load_cfg(args, args.opts)
         threads = args.threads or probe_cfg.train.threads
         if threads > 0:
@@ -525,6 +546,7 @@ def main(argv=None) -> int:
             "task": args.task,
             "config": args.config,
             "overrides": list(args.opts),
+            "kernels": "fast" if kernels.fast_enabled() else "reference",
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(),

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from maedet.checkpoint.describe import describe_for_error
+from maedet.checkpoint.formats.maedet import num_classes_of
 from maedet.checkpoint.io import load_checkpoint_file
 from maedet.checkpoint.pretrained import load_pretrained_backbone
 from maedet.checkpoint.report import shape_of, unwrap_state_dict
@@ -24,6 +25,7 @@ __all__ = [
     "build_detection_model",
     "detection_layout",
     "predicts_masks",
+    "resolve_num_classes",
     "load_detection_weights",
     "build_mae_model",
     "section_dict",
@@ -84,6 +86,52 @@ def build_detection_model(model_cfg: Any, num_classes: int, load_pretrained: boo
     meta_cls = DETECTORS.get(section_dict(m.meta_arch)["name"])
     wanted = inspect.signature(meta_cls).parameters
     return build_component(DETECTORS, m.meta_arch, "model.meta_arch", **{k: v for k, v in parts.items() if k in wanted})
+
+
+def resolve_num_classes(
+    configured: int,
+    *,
+    weights: Optional[str] = None,
+    meta: Optional[Mapping[str, Any]] = None,
+    dataset_classes: Optional[int] = None,
+    dataset: str = "the dataset",
+) -> int:
+    """The number of foreground classes K of a detector: the one rule of every tool.
+
+    A model whose weights are loaded (``--eval-only``, inference) has the classes it was
+    trained on: its checkpoint's ``meta["num_classes"]``, else the length of its
+    ``class_names``, else the rows of its box predictor. A model trained from scratch
+    has its training set's classes (``dataset_classes``). ``model.num_classes``
+    (``configured``, 0 = unset) is used only when neither says; set, it must agree.
+
+    Raises:
+        ConfigError: ``model.num_classes`` disagrees with the checkpoint or the dataset,
+            or nothing tells the number.
+    """
+    found, source = None, None
+    if weights is not None:
+        meta = meta or {}
+        names = meta.get("class_names")
+        found = meta.get("num_classes") or (len(names) if names else None)
+        if not found:
+            obj = load_checkpoint_file(weights)
+            found = num_classes_of(unwrap_state_dict(obj, weights))
+            if not found:
+                raise CheckpointError(
+                    f"{weights} is not a detection checkpoint (no box predictor){describe_for_error(obj, weights)}"
+                )
+        source = f"the checkpoint {weights}"
+    elif dataset_classes is not None:
+        found, source = dataset_classes, dataset
+    if found and configured and int(configured) != int(found):
+        raise ConfigError(f"model.num_classes={configured} but {source} has {found} classes")
+    k = int(found or configured or 0)
+    if k < 1:
+        raise ConfigError(
+            f"cannot tell the number of classes: {source or 'no checkpoint or dataset'} does not say "
+            "(no meta.num_classes / class_names) and model.num_classes is 0"
+        )
+    return k
 
 
 def predicts_masks(model_cfg: Any) -> bool:

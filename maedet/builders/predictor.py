@@ -9,13 +9,10 @@ import torch
 
 from maedet.builders.config import load_detection_config
 from maedet.builders.data import build_pipeline
-from maedet.builders.model import build_detection_model, load_detection_weights
+from maedet.builders.model import build_detection_model, load_detection_weights, resolve_num_classes
 from maedet.checkpoint.convert import peek_meta
-from maedet.checkpoint.formats.maedet import num_classes_of
-from maedet.checkpoint.io import load_checkpoint_file
-from maedet.checkpoint.report import unwrap_state_dict
 from maedet.inference.predictor import Predictor
-from maedet.utils.errors import CheckpointError, ConfigError
+from maedet.utils.errors import ConfigError
 
 __all__ = ["build_predictor"]
 
@@ -41,9 +38,8 @@ def build_predictor(
             ``score_thresh`` below the model's own threshold lowers that threshold too.
         class_names: names of labels 1..K; default: the checkpoint's ``meta["class_names"]``.
 
-    The number of classes is the checkpoint's ``meta["num_classes"]``, else the
-    length of its class names, else ``class_names``', else ``model.num_classes``,
-    else read off the box predictor's weights. COCO category ids come from
+    The number of classes is the checkpoint's
+    (:func:`maedet.builders.model.resolve_num_classes`). COCO category ids come from
     ``meta["label_to_cat_id"]`` (identity when absent). The test-time resize is
     the config's ``data.test.pipeline``.
     """
@@ -56,19 +52,7 @@ def build_predictor(
     weights = os.fspath(weights)
     meta = peek_meta(weights)
     names = meta.get("class_names")
-    num_classes = (
-        meta.get("num_classes")
-        or (len(names) if names else None)
-        or (len(class_names) if class_names else None)
-        or cfg.model.num_classes
-    )
-    if not num_classes:
-        num_classes = num_classes_of(unwrap_state_dict(load_checkpoint_file(weights), weights))
-    if not num_classes:
-        raise CheckpointError(
-            f"{weights}: cannot tell the number of classes (no meta.num_classes / class_names "
-            "in the checkpoint and model.num_classes=0 in the config)"
-        )
+    num_classes = resolve_num_classes(cfg.model.num_classes, weights=weights, meta=meta)
     if class_names is not None and len(class_names) != int(num_classes):
         raise ConfigError(f"{len(class_names)} class_names given, but the model has {num_classes} classes")
     model = build_detection_model(cfg.model, int(num_classes), load_pretrained=False)

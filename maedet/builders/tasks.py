@@ -11,7 +11,13 @@ import torch
 from omegaconf import OmegaConf
 
 from maedet.builders.data import build_detection_dataset, build_pretrain_dataset, build_test_loader
-from maedet.builders.model import build_detection_model, build_mae_model, load_detection_weights, predicts_masks
+from maedet.builders.model import (
+    build_detection_model,
+    build_mae_model,
+    load_detection_weights,
+    predicts_masks,
+    resolve_num_classes,
+)
 from maedet.builders.trainer import build_trainer
 from maedet.checkpoint.convert import peek_meta
 from maedet.checkpoint.formats.maedet import DETECTION_FORMAT
@@ -171,12 +177,11 @@ def run_detection_training(cfg: Any, device: torch.device, resume: bool = False)
     """Train as configured, write ``model_final.pth``, then evaluate; returns the final COCO results (rank 0)."""
     masks = predicts_masks(cfg.model)
     train_ds = build_detection_dataset(cfg.data, "train", train=True, with_masks=masks)
-    num_classes = cfg.model.num_classes or len(train_ds.class_names)
-    if num_classes != len(train_ds.class_names):
-        raise ConfigError(
-            f"model.num_classes={num_classes} but the training set {train_ds.json_file} has "
-            f"{len(train_ds.class_names)} categories"
-        )
+    num_classes = resolve_num_classes(
+        cfg.model.num_classes,
+        dataset_classes=len(train_ds.class_names),
+        dataset=f"the training set {train_ds.json_file}",
+    )
     logger.info(f"training set {train_ds.dataset_name}: {len(train_ds)} images, {num_classes} classes")
     test_ds = build_detection_dataset(cfg.data, "test", train=False, with_masks=masks)
     if _categories(test_ds.class_names, test_ds.label_to_cat_id) != _categories(
@@ -212,8 +217,8 @@ def run_evaluation(cfg: Any, device: torch.device) -> Results:
     test_ds = build_detection_dataset(cfg.data, "test", train=False, with_masks=predicts_masks(cfg.model))
     meta = peek_meta(cfg.model.weights)
     check_class_match(meta, test_ds, cfg.model.weights, cfg.test.class_mismatch)
-    num_classes = cfg.model.num_classes or meta.get("num_classes") or len(test_ds.class_names)
-    model = build_detection_model(cfg.model, int(num_classes), load_pretrained=False)
+    num_classes = resolve_num_classes(cfg.model.num_classes, weights=cfg.model.weights, meta=meta)
+    model = build_detection_model(cfg.model, num_classes, load_pretrained=False)
     load_detection_weights(model, cfg.model.weights)
     model.to(device)
     results = _make_eval_fn(cfg, test_ds, device)(model)

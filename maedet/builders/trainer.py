@@ -130,8 +130,3 @@ def describe_trainable(model: nn.Module) -> str:
             others.append(name)
     parts = others + [f"{k} {_ranges(v)}" for k, v in blocks.items()]
     return f"{line}; frozen: {', '.join(parts)}"
-
-
-def describe_groups(optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
-    """Parameter name -> (weight decay, lr scale): what the optimizer does to each parameter."""
-    return {n: (g["weight_decay"], g.get("lr_scale", 1.0)) for g in optimizer.param_groups for n in g["names"]}

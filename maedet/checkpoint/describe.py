@@ -26,7 +26,8 @@ import yaml
 
 from maedet.checkpoint.convert import CONVERSIONS
 from maedet.checkpoint.io import load_checkpoint_file
-from maedet.checkpoint.report import BLOCK_RE, meta_of, unwrap_state_dict
+from maedet.checkpoint.report import meta_of, unwrap_state_dict
+from maedet.models.backbones.vit import BLOCK_RE
 from maedet.models.pos_embed import count_prefix_tokens
 from maedet.utils.errors import CheckpointError
 

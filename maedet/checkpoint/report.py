@@ -11,10 +11,8 @@ import torch
 
 from maedet.utils.errors import CheckpointError
 
-__all__ = ["Report", "group_keys", "unwrap_state_dict", "to_tensor", "shape_of", "BLOCK_RE"]
+__all__ = ["Report", "group_keys", "unwrap_state_dict", "to_tensor", "shape_of"]
 
-# ``blocks.{i}.`` of a ViT state dict, the one place this pattern is written.
-BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 _WRAPPERS = ("model", "state_dict", "encoder")
 
 

@@ -5,7 +5,7 @@ configurable arguments once, in its signature, with type hints and defaults::
 
     class ViT(Backbone):
         def __init__(self, *, embed_dim: int, depth: int, num_heads: int,
-                     attn_impl: Literal["sdpa", "sdpa_mask", "explicit"] = "sdpa", ...)
+                     window_size: int = 14, act_checkpoint: bool = False, ...)
 
 :func:`signature_schema` turns that signature into a dataclass that OmegaConf
 validates a config section against: unknown keys, wrong types and values outside
@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import inspect
 import typing
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, List, Literal, Optional, Sequence, Tuple, Type, Union
 
 from omegaconf import MISSING
 
@@ -132,11 +132,3 @@ def signature_schema(fn: Callable, supplied: Tuple[str, ...] = ()) -> Type:
 
 def _copy(value: Any) -> Any:
     return [_copy(v) for v in value] if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
-
-
-def schema_defaults(schema: Type) -> Dict[str, Any]:
-    """Field name -> default of a :func:`signature_schema` dataclass (``???`` for mandatory ones)."""
-    out = {}
-    for f in dataclasses.fields(schema):
-        out[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return out

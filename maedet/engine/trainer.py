@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -215,7 +215,6 @@ class Trainer:
         # hooks done, e.g. the final evaluation): nothing was run again
         self.was_finished = False
         self.metrics: Optional[MetricsWriter] = None
-        self.last_optimizer_ms = 0.0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -357,9 +356,25 @@ class Trainer:
 
     def train_step(self, next_batch: Callable[[], Any]) -> Dict[str, float]:
         """One optimizer iteration at the current lr: ``accum_steps`` micro-batches from
-        ``next_batch()`` (forward under autocast, backward), non-finite losses handled as
-        ``nonfinite`` says, gradient clipping, the optimizer step. Returns the mean loss
-        terms; :attr:`last_optimizer_ms` is the optimizer step's own time."""
+        ``next_batch()`` (forward under autocast, backward), then the optimizer step, or,
+        after a non-finite loss, what ``nonfinite`` says. Returns the mean loss terms."""
+        losses, bad_term = self._forward_backward(next_batch)
+        if bad_term is not None:
+            self._drop_step(bad_term)
+            return losses
+        if self.clip_grad_norm > 0:
+            self.amp.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        self.amp.scaler.step(self.optimizer)
+        self.amp.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return losses
+
+    def _forward_backward(self, next_batch: Callable[[], Any]) -> Tuple[Dict[str, float], Optional[str]]:
+        """Forward and backward of the step's micro-batches (gradients accumulate; DDP
+        synchronizes on the last). Returns the mean loss terms and, when a loss was not
+        finite on any process, which (the remaining micro-batches are read, not run)."""
         model = self.model
         losses_sum: Dict[str, float] = {}
         bad_term: Optional[str] = None
@@ -368,8 +383,7 @@ class Trainer:
             if bad_term is not None:
                 continue  # keep the data position; this step is dropped
             sync = micro == self.accum_steps - 1 or not isinstance(model, DistributedDataParallel)
-            ctx = contextlib.nullcontext() if sync else model.no_sync()
-            with ctx:
+            with contextlib.nullcontext() if sync else model.no_sync():
                 with self.amp.autocast():
                     loss_dict = self.loss_fn(model, batch, self.device)
                 total = sum(loss_dict.values())
@@ -377,45 +391,30 @@ class Trainer:
                 nonfinite = [k for k, v in values.items() if not math.isfinite(v)]
                 if not math.isfinite(float(total.detach())) and not nonfinite:
                     nonfinite = ["total"]
-                flag = self._agree([1.0 if nonfinite else 0.0])[0]
-                if flag:
+                if self._agree([1.0 if nonfinite else 0.0])[0]:
                     bad_term = (
                         ", ".join(f"{k}={values.get(k, float(total.detach()))}" for k in nonfinite)
                         or "a loss term on another process"
                     )
-                    # log what was seen (a skipped step shows its nan/inf, not 0)
-                    for k, v in values.items():
-                        losses_sum[k] = losses_sum.get(k, 0.0) + v / self.accum_steps
-                    continue
-                self.amp.scaler.scale(total / self.accum_steps).backward()
+                else:
+                    self.amp.scaler.scale(total / self.accum_steps).backward()
+            # logged as seen (a skipped step shows its nan/inf, not 0)
             for k, v in values.items():
                 losses_sum[k] = losses_sum.get(k, 0.0) + v / self.accum_steps
-        if bad_term is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.nonfinite == "stop":
-                raise TrainingError(
-                    f"non-finite loss at iteration {self.iter}: {bad_term} "
-                    "(set train.nonfinite=skip to drop such steps instead)"
-                )
-            self.skipped_steps += 1
-            logger.warning(
-                f"iteration {self.iter}: non-finite loss ({bad_term}); step skipped ({self.skipped_steps} so far)"
-            )
-            return losses_sum
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        if self.clip_grad_norm > 0:
-            self.amp.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
-        self.amp.scaler.step(self.optimizer)
-        self.amp.scaler.update()
+        return losses_sum, bad_term
+
+    def _drop_step(self, bad_term: str) -> None:
+        """A non-finite loss: stop (``nonfinite=stop``) or skip the step, gradients dropped."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.last_optimizer_ms = 1000 * (time.perf_counter() - t0)
-        return losses_sum
+        if self.nonfinite == "stop":
+            raise TrainingError(
+                f"non-finite loss at iteration {self.iter}: {bad_term} "
+                "(set train.nonfinite=skip to drop such steps instead)"
+            )
+        self.skipped_steps += 1
+        logger.warning(
+            f"iteration {self.iter}: non-finite loss ({bad_term}); step skipped ({self.skipped_steps} so far)"
+        )
 
     def _run_iterations(self, data_iter, bar, start_iter: int, t_start: float) -> None:
         window_start, window_iters, data_time = t_start, 0, 0.0

@@ -286,7 +286,7 @@ CKPT_CASES = {
     "weights truncated": ("model.weights", "det_truncated", ["truncated or not a checkpoint"]),
     "weights other size": ("model.weights", "det_other_size", ["shape", "model size"]),
     "weights text file": ("model.weights", "notes", ["not a checkpoint"]),
-    "weights encoder only": ("model.weights", "enc", ["missing key"]),
+    "weights encoder only": ("model.weights", "enc", ["not a detection checkpoint", "model.backbone.pretrained="]),
     "weights missing": ("model.weights", "missing", ["not found"]),
 }
 

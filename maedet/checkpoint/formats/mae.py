@@ -21,7 +21,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from maedet.checkpoint.report import BLOCK_RE, Report, group_keys, meta_of, shape_of, unwrap_state_dict
+from maedet.checkpoint.report import Report, group_keys, meta_of, shape_of, unwrap_state_dict
+from maedet.models.backbones.vit import BLOCK_RE
 from maedet.models.pos_embed import count_prefix_tokens, fit_pos_embed
 from maedet.utils.errors import CheckpointError, ConfigError
 

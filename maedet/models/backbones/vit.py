@@ -8,14 +8,15 @@ encoder of an MAE or timm checkpoint loads by name (:meth:`ViT.filter_pretrained
 The tokens stay a (B, H, W, C) grid through all blocks. Most blocks attend
 inside non-overlapping windows (the grid is zero-padded to a multiple of the
 window); a few blocks attend globally. Every attention adds detectron2's
-decomposed relative-position bias (:mod:`maedet.models.backbones.attention`).
+decomposed relative-position bias. The arithmetic lives in :mod:`maedet.kernels`
+(the reference and its fast paths, one switch).
 """
 
 from __future__ import annotations
 
 import re
 from functools import partial
-from typing import Callable, Dict, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,25 +24,18 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 
+from maedet.kernels.attention import rel_pos_attention
+from maedet.kernels.window_layout import partition_heads, unpartition_heads
 from maedet.models.layers import ShapeSpec
 from maedet.models.pos_embed import fit_pos_embed, resize_pos_embed_grid
 from maedet.utils.errors import CheckpointError
 from maedet.utils.registry import BACKBONES
 
-from .attention import ATTN_IMPLS, attention_packed, window_partition, window_unpartition
 from .base import Backbone
-from .token_layout import heads_to_grid, qkv_to_heads
 
-__all__ = [
-    "ViT",
-    "Block",
-    "Attention",
-    "window_partition",
-    "window_unpartition",
-    "get_abs_pos",
-]
+__all__ = ["ViT", "Block", "Attention", "get_abs_pos"]
 
-AttnImpl = Literal["sdpa", "sdpa_mask", "explicit"]
+# ``blocks.{i}.`` of a ViT state dict (this backbone's, MAE's, timm's); the one definition.
 BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -59,7 +53,6 @@ class Attention(nn.Module):
         use_rel_pos: bool = False,
         rel_pos_zero_init: bool = True,
         input_size: Optional[Tuple[int, int]] = None,
-        attn_impl: str = "sdpa",
     ):
         """
         Args:
@@ -72,17 +65,11 @@ class Attention(nn.Module):
             input_size: (H, W) grid the rel-pos tables are sized for; tables
                 have shapes (2H - 1, head_dim) and (2W - 1, head_dim). Required
                 with ``use_rel_pos``.
-            attn_impl: "sdpa" (no N x N tensor: fused SDPA on GPU, tiled GEMMs on CPU),
-                "sdpa_mask" or "explicit";
-                see :func:`attention_rel_pos`.
         """
         super().__init__()
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
-        self.attn_impl = attn_impl
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.use_rel_pos = use_rel_pos
@@ -95,34 +82,28 @@ class Attention(nn.Module):
                 trunc_normal_(self.rel_pos_h, std=0.02)
                 trunc_normal_(self.rel_pos_w, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
         """
         Args:
             x: (B, H, W, C) tokens.
+            window_size: attend within non-overlapping windows of this side; 0: globally.
         Returns:
             (B, H, W, C).
-        """
-        return self.proj(self.attend(self.qkv(x)))
 
-    def attend(self, qkv: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
-        """The attention itself, between the two projections.
-
-        Args:
-            qkv: (B, H, W, 3C) output of :attr:`qkv`.
-            window: attend within non-overlapping ``window x window`` windows (the
-                grid padded to whole windows as detectron2 pads the tokens before
-                the projection: the padding's q, k, v are the qkv bias); None: the
-                whole grid.
-        Returns:
-            (B, H, W, C), before :attr:`proj`.
+        Windows are formed after the qkv projection: detectron2 pads the tokens to whole
+        windows before it, and a zero token's q, k, v are the projection's bias, so the
+        padding is filled with the bias (the same numbers, without projecting the padding).
         """
-        B, H, W, _ = qkv.shape
-        packed = qkv_to_heads(qkv, self.num_heads, window, self.qkv.bias if window else None)
-        q_size = (window, window) if window else (H, W)
+        B, H, W, _ = x.shape
+        qkv = self.qkv(x)
+        # (3, B * windows, heads, tokens of a window, head_dim)
+        qkv = partition_heads(qkv, self.num_heads, window_size, self.qkv.bias if window_size else None)
+        q_size = (window_size, window_size) if window_size else (H, W)
         rel_h = self.rel_pos_h if self.use_rel_pos else None
         rel_w = self.rel_pos_w if self.use_rel_pos else None
-        out = attention_packed(packed, rel_h, rel_w, q_size, self.scale, self.attn_impl)
-        return heads_to_grid(out, (H, W), window)
+        x = rel_pos_attention(qkv, rel_h, rel_w, q_size, self.scale)
+        x = unpartition_heads(x, (H, W), window_size)
+        return self.proj(x)
 
 
 class Block(nn.Module):
@@ -141,7 +122,6 @@ class Block(nn.Module):
         rel_pos_zero_init: bool = True,
         window_size: int = 0,
         input_size: Optional[Tuple[int, int]] = None,
-        attn_impl: str = "sdpa",
     ):
         """
         Args:
@@ -157,7 +137,6 @@ class Block(nn.Module):
             window_size: window side in tokens; 0 = global attention.
             input_size: (H, W) token grid of a global block (sizes its rel-pos
                 tables); window blocks use (window_size, window_size).
-            attn_impl: see :class:`Attention`.
         """
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -168,7 +147,6 @@ class Block(nn.Module):
             use_rel_pos=use_rel_pos,
             rel_pos_zero_init=rel_pos_zero_init,
             input_size=input_size if window_size == 0 else (window_size, window_size),
-            attn_impl=attn_impl,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
@@ -179,22 +157,10 @@ class Block(nn.Module):
         """x: (B, H, W, C) -> (B, H, W, C)."""
         shortcut = x
         x = self.norm1(x)
-        x = self._window_attention(x) if self.window_size > 0 else self.attn(x)
+        x = self.attn(x, self.window_size)  # window partition, attention, unpartition
         x = shortcut + self.drop_path(x)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
-
-    def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention within windows, with the projections on the real tokens only.
-
-        As in detectron2, the grid is padded to whole windows after ``norm1`` and the
-        padding tokens take part in attention; being zeros, their ``qkv`` is the
-        projection's bias. So ``qkv`` is computed on the H x W tokens and padded with
-        its bias (:meth:`Attention.attend`), and ``proj`` runs on the H x W outputs: the
-        same numbers, without projecting the 804 padding tokens of a 64 x 64 grid
-        (window 14).
-        """
-        return self.attn.proj(self.attn.attend(self.attn.qkv(x), self.window_size))
 
 
 def get_abs_pos(pos_embed: torch.Tensor, has_cls_token: bool, hw: Tuple[int, int]) -> torch.Tensor:
@@ -238,7 +204,6 @@ class ViT(Backbone):
         act_checkpoint: bool = False,
         freeze: bool = False,
         freeze_blocks: int = 0,
-        attn_impl: AttnImpl = "sdpa",
         out_feature: str = "last_feat",
     ):
         """
@@ -272,13 +237,9 @@ class ViT(Backbone):
                 stays in eval mode even after ``.train()`` (drop path off).
             freeze_blocks: freeze patch_embed, pos_embed and the first K blocks
                 (kept in eval mode). Ignored when ``freeze`` is set.
-            attn_impl: "sdpa" (default), "sdpa_mask" or "explicit"; see
-                :func:`maedet.models.backbones.attention.attention_rel_pos`.
             out_feature: name of the output feature.
         """
         super().__init__()
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         if not 0 <= freeze_blocks <= depth:
             raise ValueError(f"freeze_blocks must be in [0, depth={depth}], got {freeze_blocks}")
         bad = [i for i in global_blocks if not 0 <= i < depth]
@@ -326,7 +287,6 @@ class ViT(Backbone):
                     rel_pos_zero_init=rel_pos_zero_init,
                     window_size=0 if i in global_set else window_size,
                     input_size=(img_size // patch_size, img_size // patch_size),
-                    attn_impl=attn_impl,
                 )
             )
         self.out_feature = out_feature
@@ -452,10 +412,8 @@ class ViT(Backbone):
         x = self.patch_embed(x)  # (B, h, w, C), a permuted view of the NCHW convolution output
         if self.pos_embed is not None:
             x = x + get_abs_pos(self.pos_embed, self.pretrain_use_cls_token, (x.shape[1], x.shape[2]))
-        # The residual stream stays in the layout it starts in. Left permuted, every
-        # LayerNorm copies its input forward and backward, and each residual add and
-        # drop-path multiply runs strided, 2-4x slower (ViT-B at 1024, 2 CPU cores:
-        # ~0.7 s per training step, docs/BENCHMARKS.md). The values are the same.
+        # The residual stream stays contiguous: left permuted, every LayerNorm copies its
+        # input forward and backward, and each residual add runs strided. Same values.
         x = x.contiguous()
         for blk in self.blocks:
             if (

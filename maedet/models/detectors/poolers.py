@@ -3,114 +3,15 @@
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
-from torchvision.ops import roi_align
 
-from maedet.models.layers import conv_layout
+from maedet.kernels.conv import conv_layout
+from maedet.kernels.roi_align import roi_align
 
-__all__ = ["MultiLevelRoIAlign", "assign_boxes_to_levels", "roi_align_threaded"]
-
-# Below this many pooled values a call is too small to be worth a thread hand-off.
-_MIN_THREADED_OUTPUT = 1 << 16
-_executor: Optional[ThreadPoolExecutor] = None
-_executor_key: Optional[Tuple[int, int]] = None
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """The process's RoIAlign threads (made again after a fork or a thread-count change)."""
-    global _executor, _executor_key
-    key = (os.getpid(), workers)
-    if _executor_key != key:
-        _executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="maedet-roi-align")
-        _executor_key = key
-    return _executor
-
-
-def _on_threads(fn: Callable[[torch.Tensor], torch.Tensor], chunks: List[torch.Tensor]) -> List[torch.Tensor]:
-    """``[fn(c) for c in chunks]``, the first chunk on this thread, the others on the pool."""
-
-    def call(c: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return fn(c)
-
-    futures = [_pool(len(chunks) - 1).submit(call, c) for c in chunks[1:]]
-    return [call(chunks[0])] + [f.result() for f in futures]
-
-
-class _ThreadedRoIAlign(torch.autograd.Function):
-    """torchvision's RoIAlign kernels on channel slices, one slice per thread.
-
-    The CPU kernels of ``torchvision.ops.roi_align`` run on one thread, forward and
-    backward. The channels are independent, so slices of them run side by side and
-    their outputs concatenate to the same values, bit for bit: each output (and input
-    gradient) element is computed by the same code from the same numbers. ViT-B Mask
-    R-CNN at 1024 on 2 cores: box pooler on 512 RoIs, 0.23 -> 0.13 s forward and
-    0.75 -> 0.42 s backward (docs/BENCHMARKS.md). The kernels release the GIL.
-    Computes in float32, as torchvision's autocast rule for RoIAlign does.
-    """
-
-    @staticmethod
-    def forward(ctx, feat, rois, spatial_scale, output_size, sampling_ratio, aligned, slices):
-        ph, pw = output_size
-        rois32 = rois.float().contiguous()
-        chunks = [c.float().contiguous() for c in feat.split(slices, dim=1)]
-        outs = _on_threads(
-            lambda c: torch.ops.torchvision.roi_align(c, rois32, spatial_scale, ph, pw, sampling_ratio, aligned),
-            chunks,
-        )
-        ctx.save_for_backward(rois32)
-        ctx.args = (spatial_scale, ph, pw, sampling_ratio, aligned, slices, tuple(feat.shape), feat.dtype)
-        return torch.cat(outs, dim=1).to(feat.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rois32,) = ctx.saved_tensors
-        spatial_scale, ph, pw, sampling_ratio, aligned, slices, (B, _, H, W), dtype = ctx.args
-        chunks = [g.float().contiguous() for g in grad.split(slices, dim=1)]
-        outs = _on_threads(
-            lambda g: torch.ops.torchvision._roi_align_backward(
-                g, rois32, spatial_scale, ph, pw, B, g.shape[1], H, W, sampling_ratio, aligned
-            ),
-            chunks,
-        )
-        return torch.cat(outs, dim=1).to(dtype), None, None, None, None, None, None
-
-
-def roi_align_threaded(
-    feat: torch.Tensor,
-    rois: torch.Tensor,
-    output_size: Tuple[int, int],
-    spatial_scale: float,
-    sampling_ratio: int,
-    aligned: bool,
-) -> torch.Tensor:
-    """``torchvision.ops.roi_align(feat, rois, ...)`` (``rois``: (K, 5) batch index + XYXY),
-    the same values, with the channels split over torch's intra-op threads on CPU.
-
-    Falls back to torchvision where threads cannot help (other devices, one thread,
-    small calls, TorchScript, tracing, torch.compile) and for non-float32 maps outside
-    autocast (torchvision then computes in their dtype).
-    """
-    threads = min(torch.get_num_threads(), feat.shape[1])
-    if (
-        torch.jit.is_scripting()
-        or torch.jit.is_tracing()  # tracers and compilers follow this thread only
-        or torch.compiler.is_compiling()
-        or feat.device.type != "cpu"
-        or threads < 2
-        or feat.is_quantized
-        or (feat.dtype != torch.float32 and not torch.is_autocast_enabled("cpu"))
-        or rois.shape[0] * feat.shape[1] * output_size[0] * output_size[1] < _MIN_THREADED_OUTPUT
-    ):
-        return roi_align(feat, rois, output_size, spatial_scale, sampling_ratio, aligned)
-    C = feat.shape[1]
-    slices = [C // threads + (i < C % threads) for i in range(threads)]
-    return _ThreadedRoIAlign.apply(feat, rois, spatial_scale, tuple(output_size), sampling_ratio, aligned, slices)
+__all__ = ["MultiLevelRoIAlign", "assign_boxes_to_levels"]
 
 
 def assign_boxes_to_levels(
@@ -179,7 +80,7 @@ class MultiLevelRoIAlign(nn.Module):
         rois = torch.cat([ids, concat], dim=1)
         S = (self.output_size, self.output_size)
         if len(feats) == 1:
-            out = roi_align_threaded(feats[0], rois, S, self.scales[0], self.sampling_ratio, self.aligned)
+            out = roi_align(feats[0], rois, S, self.scales[0], self.sampling_ratio, self.aligned)
             return conv_layout(out, self.training, rois=True)
         levels = assign_boxes_to_levels(
             concat, self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
@@ -187,7 +88,7 @@ class MultiLevelRoIAlign(nn.Module):
         out = None
         for level, (feat, scale) in enumerate(zip(feats, self.scales)):
             idx = torch.nonzero(levels == level).squeeze(1)
-            pooled = roi_align_threaded(feat, rois[idx], S, scale, self.sampling_ratio, self.aligned)
+            pooled = roi_align(feat, rois[idx], S, scale, self.sampling_ratio, self.aligned)
             if out is None:
                 out = pooled.new_zeros((rois.shape[0], feat.shape[1]) + S)
             out.index_put_((idx,), pooled.to(out.dtype))

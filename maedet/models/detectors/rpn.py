@@ -21,7 +21,8 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import batched_nms
 
-from maedet.models.layers import ShapeSpec, check_fractions, check_positive, pointwise_convs, shared_channels
+from maedet.kernels.conv import pointwise_convs
+from maedet.models.layers import ShapeSpec, check_fractions, check_positive, shared_channels
 from maedet.utils.registry import PROPOSAL_GENERATORS
 
 from .anchors import DefaultAnchorGenerator

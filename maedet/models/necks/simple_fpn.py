@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from maedet.kernels.conv import conv_layout
 from maedet.models.backbones.base import Backbone
-from maedet.models.layers import ConvNorm2d, ShapeSpec, conv_layout, get_norm
+from maedet.models.layers import ConvNorm2d, ShapeSpec, get_norm
 from maedet.utils.registry import NECKS
 
 __all__ = ["SimpleFeaturePyramid"]

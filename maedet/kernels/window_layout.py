@@ -1,15 +1,14 @@
-"""Token grid <-> per-head windows, each way in one copy.
+"""Token grid <-> per-head windows: detectron2's ``window_partition`` and its fast path.
 
 A ViTDet block's attention needs q, k and v as (windows x heads, tokens, head_dim)
-matrices, and its output back as a (B, H, W, C) grid. Written with ``F.pad``,
-``window_partition``, ``reshape`` / ``permute`` and ``unbind``, the forward makes
-five copies of the qkv tensor and the backward as many again (ViT-B at 1024 on 2
-CPU cores: ~0.3 s per window block per training step, docs/BENCHMARKS.md).
-:func:`qkv_to_heads` and :func:`heads_to_grid` make one each way.
+matrices, and its output back as a (B, H, W, C) grid. The reference writes it as
+detectron2 does (pad, :func:`window_partition`, reshape / permute), which makes five
+copies of the qkv tensor forward and as many backward; the fast path
+(:class:`_QKVToHeads`, :class:`_HeadsToGrid`) makes one each way.
 
 The padding follows detectron2's ViTDet: the token grid is zero-padded to whole
 windows *before* the qkv projection, so a padding token's q, k and v are the
-projection's bias (:func:`qkv_to_heads` ``pad``), and its gradient reaches the
+projection's bias (:func:`partition_heads` ``pad``), and its gradient reaches the
 bias only. A global block is one window of the whole (H, W) grid, without padding.
 """
 
@@ -18,8 +17,11 @@ from __future__ import annotations
 from typing import Iterator, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["qkv_to_heads", "heads_to_grid", "window_grid"]
+from maedet.kernels import fast_enabled
+
+__all__ = ["window_partition", "window_unpartition", "partition_heads", "unpartition_heads", "window_grid"]
 
 Index = Tuple[object, ...]
 
@@ -146,18 +148,84 @@ class _HeadsToGrid(torch.autograd.Function):
         return dx, None, None
 
 
-def qkv_to_heads(qkv: torch.Tensor, heads: int, window: Optional[int], pad: Optional[torch.Tensor]) -> torch.Tensor:
+def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """Split a token grid into non-overlapping windows, zero-padding if needed (detectron2).
+
+    Args:
+        x: (B, H, W, C) token grid.
+        window_size: window side length ``ws``.
+    Returns:
+        windows: (B * num_windows, ws, ws, C), windows in row-major order per image.
+        (Hp, Wp): padded grid size (multiples of ``ws``), needed to undo the partition.
+    """
+    B, H, W, C = x.shape
+    pad_h = (window_size - H % window_size) % window_size
+    pad_w = (window_size - W % window_size) % window_size
+    if pad_h > 0 or pad_w > 0:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.view(B, Hp // window_size, window_size, Wp // window_size, window_size, C)
+    windows = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, C)
+    return windows, (Hp, Wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window_size: int, pad_hw: Tuple[int, int], hw: Tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: reassemble windows and drop the padding (detectron2).
+
+    Args:
+        windows: (B * num_windows, ws, ws, C).
+        window_size: ``ws``.
+        pad_hw: (Hp, Wp) padded grid size returned by :func:`window_partition`.
+        hw: (H, W) original grid size.
+    Returns:
+        (B, H, W, C) token grid.
+    """
+    Hp, Wp = pad_hw
+    H, W = hw
+    B = windows.shape[0] // (Hp * Wp // window_size // window_size)
+    x = windows.view(B, Hp // window_size, Wp // window_size, window_size, window_size, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(B, Hp, Wp, -1)
+    if Hp > H or Wp > W:
+        x = x[:, :H, :W, :].contiguous()
+    return x
+
+
+def partition_heads(qkv: torch.Tensor, num_heads: int, window_size: int, pad: Optional[torch.Tensor]) -> torch.Tensor:
     """(B, H, W, 3C) qkv projection -> (3, B * windows, heads, window tokens, head_dim).
 
-    Windows of ``window x window`` tokens in row-major order per image (detectron2's
-    ``window_partition``), tokens row-major inside a window; ``window=None`` for one
-    window of the whole grid. The grid is padded to whole windows with ``pad`` (the
-    (3C,) qkv bias; None: zeros), whose gradient is the sum over the padding tokens.
+    Windows of ``window_size x window_size`` tokens in row-major order per image
+    (:func:`window_partition`), tokens row-major inside a window; ``window_size=0`` for
+    one window of the whole grid (global attention). The grid is padded to whole
+    windows with ``pad`` (the (3C,) qkv bias; None: zeros), whose gradient is the sum
+    over the padding tokens.
     """
-    return _QKVToHeads.apply(qkv, pad, heads, window)
+    window = window_size or None
+    if fast_enabled():
+        return _QKVToHeads.apply(qkv, pad, num_heads, window)
+    B, H, W, C3 = qkv.shape
+    if window:
+        Hp, Wp = -(-H // window) * window, -(-W // window) * window
+        if (Hp, Wp) != (H, W):
+            fill = pad.to(qkv.dtype) if pad is not None else qkv.new_zeros(C3)
+            qkv = torch.cat([qkv, fill.expand(B, H, Wp - W, C3)], dim=2)
+            qkv = torch.cat([qkv, fill.expand(B, Hp - H, Wp, C3)], dim=1)
+        qkv, _ = window_partition(qkv, window)
+    tokens = qkv.shape[1] * qkv.shape[2]
+    return qkv.reshape(qkv.shape[0], tokens, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
 
 
-def heads_to_grid(x: torch.Tensor, hw: Tuple[int, int], window: Optional[int]) -> torch.Tensor:
+def unpartition_heads(x: torch.Tensor, hw: Tuple[int, int], window_size: int) -> torch.Tensor:
     """(B * windows, heads, window tokens, head_dim) -> (B, H, W, heads * head_dim),
-    the inverse layout of :func:`qkv_to_heads` without the padding tokens."""
-    return _HeadsToGrid.apply(x, tuple(hw), window)
+    the inverse layout of :func:`partition_heads` without the padding tokens."""
+    window = window_size or None
+    if fast_enabled():
+        return _HeadsToGrid.apply(x, tuple(hw), window)
+    H, W = hw
+    wh, ww, nh, nw = window_grid((H, W), window)
+    n, heads, _, hd = x.shape
+    x = x.permute(0, 2, 1, 3).reshape(n, wh, ww, heads * hd)
+    if window:
+        return window_unpartition(x, window, (nh * wh, nw * ww), (H, W))
+    return x

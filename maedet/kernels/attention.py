@@ -1,11 +1,12 @@
-"""Attention with ViTDet's decomposed relative-position bias, and its fast kernels.
+"""Attention with ViTDet's decomposed relative-position bias: the reference and the fast paths.
 
-``attention_rel_pos`` computes ``softmax(scale * q k^T + bias) v`` where the bias of
+:func:`rel_pos_attention` computes ``softmax(scale * q k^T + bias) v`` where the bias of
 query (i, j) and key (k, l) is ``rel_h[(i, j), k] + rel_w[(i, j), l]`` (MViTv2 /
-detectron2's ViTDet), with three implementations that agree to float precision:
-``sdpa`` (default; never keeps a tokens x tokens matrix: fused SDPA on CUDA, tiled
-GEMMs on CPU), ``sdpa_mask`` and
-``explicit`` (the reference). See :func:`attention_rel_pos` for how each works.
+detectron2's ViTDet). The reference (:func:`attention_reference`) writes it out as
+detectron2 does. The fast paths (:mod:`maedet.kernels` switch) never keep a
+tokens x tokens matrix: on CPU the scores are computed tile by tile with their own
+backward (:class:`_PackedRelPosAttention`); on other devices the bias is folded into
+the query and key of one fused SDPA call (:func:`_folded_sdpa`).
 """
 
 from __future__ import annotations
@@ -15,17 +16,9 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "ATTN_IMPLS",
-    "get_rel_pos",
-    "get_decomposed_rel_pos",
-    "attention_rel_pos",
-    "attention_packed",
-    "window_partition",
-    "window_unpartition",
-]
+from maedet.kernels import fast_enabled
 
-ATTN_IMPLS = ("sdpa", "sdpa_mask", "explicit")
+__all__ = ["get_rel_pos", "get_decomposed_rel_pos", "attention_reference", "rel_pos_attention"]
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
@@ -95,12 +88,12 @@ def get_decomposed_rel_pos(
 # Elements of one score tile of the CPU path (fp32: 8 MB). A global block's scores
 # (heads x N x N: 12 x 4096 x 4096 for ViT-B at 1024) are never materialized: each
 # head's queries are taken in chunks of ``tile // N`` rows, so that the GEMMs of a
-# tile are single large matrix products (512 x 4096 scores for ViT-B; batched over
-# 12 heads of 85 rows each they ran at 2/3 of the speed). Small attention problems
+# tile are single large matrix products (512 x 4096 scores for ViT-B, rather than
+# batches of small per-head products). Small attention problems
 # (windows: 196 x 196 per head) go by groups of whole heads of a quarter tile, which
 # stay in cache between the passes over a tile. Tiles are also kept under glibc's
 # mmap threshold (32 MB): larger blocks are mapped and unmapped on every allocation
-# and their page faults cost more than the arithmetic (docs/BENCHMARKS.md).
+# and their page faults cost more than the arithmetic.
 _CPU_TILE_ELEMENTS = 1 << 21
 
 
@@ -173,45 +166,6 @@ def _tiled_forward(q, k, v, rel_h, rel_w, scale: float, want_lse: bool):
     return out, lse
 
 
-def _as_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(..., N, d) -> (rows, N, d) in ``dtype``."""
-    return t.to(dtype).reshape(-1, t.shape[-2], t.shape[-1])
-
-
-class _TiledRelPosAttention(torch.autograd.Function):
-    """``softmax(scale q k^T + bias) v`` that keeps no (N x N) tensor for backward.
-
-    Forward: :func:`_tiled_forward`, keeping the row log-sum-exp. Backward, tile by
-    tile: the probabilities are recomputed as ``exp(scale q k^T + rel_h - lse +
-    rel_w)`` (the log-sum-exp folded into the row term of the bias; in base 2, as in
-    the forward), then dV += P^T dO,
-    dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK += dS^T Q, and the rel-pos
-    gradients are the row / column sums of dS. Everything runs in float32 at least
-    (bf16 autocast inputs too), and the gradients come back in the inputs' dtypes.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, rel_h, rel_w, scale):
-        acc = torch.promote_types(q.dtype, torch.float32)
-        q3, k3, v3, rh3, rw3 = (_as_rows(t, acc) for t in (q, k, v, rel_h, rel_w))
-        scale2, rh2, rw2 = _base2(scale, rh3, rw3)
-        out, lse = _tiled_forward(q3, k3, v3, rh2, rw2, scale2, want_lse=True)
-        ctx.save_for_backward(q, k, v, rel_h, rel_w, out, lse)
-        ctx.scale = scale
-        return out.view(*q.shape[:-1], v.shape[-1]).to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
-        acc = out.dtype
-        q3, k3, v3, rh3, rw3, do3 = (_as_rows(t, acc) for t in (q, k, v, rel_h, rel_w, dout))
-        _, rh3, rw3 = _base2(ctx.scale, rh3, rw3)
-        dq, dk, dv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
-        drel_h, drel_w = _tiled_backward(q3, k3, v3, rh3, rw3, out, lse, do3, ctx.scale, dq, dk, dv)
-        grads = (dq, dk, dv, drel_h, drel_w)
-        return tuple(g.view(t.shape).to(t.dtype) for g, t in zip(grads, (q, k, v, rel_h, rel_w))) + (None,)
-
-
 def _tiled_backward(q, k, v, rel_h, rel_w, out, lse, dout, scale: float, dq, dk, dv):
     """Gradients of :func:`_tiled_forward` (with ``want_lse``), tile by tile, on (rows, N, d)
     tensors. ``rel_h``, ``rel_w`` and ``lse`` are in base 2 as there; ``scale`` is the
@@ -267,7 +221,7 @@ def _packed_forward(qkv, Rh, Rw, scale: float, want_lse: bool):
 
 
 class _PackedRelPosAttention(torch.autograd.Function):
-    """The CPU tiled attention on packed q, k, v (:func:`~.token_layout.qkv_to_heads`),
+    """The CPU tiled attention on packed q, k, v (:func:`maedet.kernels.window_layout.partition_heads`),
     with the rel-pos terms formed inside from the per-axis tables ``Rh``, ``Rw``.
 
     Taking q, k, v as one tensor, the backward writes dq, dk, dv straight into one
@@ -303,7 +257,7 @@ class _PackedRelPosAttention(torch.autograd.Function):
         return dt.view(qkv.shape).to(qkv.dtype), dRh, dRw, None
 
 
-def attention_rel_pos(
+def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -311,75 +265,36 @@ def attention_rel_pos(
     rel_w: Optional[torch.Tensor],
     k_size: Tuple[int, int],
     scale: float,
-    impl: str = "sdpa",
 ) -> torch.Tensor:
-    """``softmax(scale * q k^T + bias) v`` with the decomposed rel-pos bias.
-
-    ``bias[(i, j), (k, l)] = rel_h[(i, j), k] + rel_w[(i, j), l]``.
-
-    Implementations (equal up to float rounding):
-
-    - ``"sdpa"``: never keeps a (N x N) matrix. Two strategies, by device:
-
-      * CUDA (and other non-CPU devices): the bias is folded into the dot
-        product. Because the bias of key (k, l) is a row term plus a column
-        term, appending ``rel_h`` and ``rel_w`` to the pre-scaled query and
-        one-hot row / column indicators to the key gives
-        ``q' . k' = scale * q.k + rel_h[k] + rel_w[l]``. The value is
-        zero-padded to the same head size (the fused kernels need equal q/v
-        head sizes; all three go to a multiple of 8), SDPA runs with
-        ``scale=1`` and the padding is dropped from the output.
-      * CPU: folding grows the head size from ``head_dim`` to
-        ``head_dim + k_h + k_w`` (64 -> 192 for a ViT-B global block at 1024),
-        which triples the GEMM work (docs/BENCHMARKS.md). Instead, the scores
-        are computed tile by tile (:func:`_tiles`: chunks of one head's queries,
-        or groups of small heads) into one buffer, the bias added in place, and
-        each tile's softmax and weighted sum done before the next; neither the
-        CPU flash kernel (with an additive mask, about half a plain GEMM's speed) nor
-        the (N x N) tensor is used. With autograd, a custom function keeps only
-        q, k, v, the per-axis terms, the output and the row log-sum-exp, and
-        recomputes each tile's probabilities in backward (the rel-pos gradients
-        are row / column sums of dS). Temporary memory is bounded by
-        ``_CPU_TILE_ELEMENTS``.
-    - ``"sdpa_mask"``: the bias is expanded to (N x N) and passed as ``attn_mask``.
-    - ``"explicit"``: scores, softmax and weighted sum written out (reference).
+    """detectron2's ``Attention``: scores, decomposed rel-pos bias, softmax, weighted sum.
 
     Args:
         q, k, v: (B, heads, N, head_dim), N = k_h * k_w (self-attention on a grid).
-        rel_h: (B, heads, N, k_h) or None (no rel-pos bias).
-        rel_w: (B, heads, N, k_w) or None.
+        rel_h: (B, heads, N, k_h) or None (no rel-pos bias); rel_w: (B, heads, N, k_w) or None.
         k_size: (k_h, k_w) key grid.
         scale: multiplier of ``q . k`` (usually ``head_dim ** -0.5``).
-        impl: one of ``ATTN_IMPLS``.
     Returns:
         (B, heads, N, head_dim).
     """
-    if impl not in ATTN_IMPLS:
-        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
-    use_rel_pos = rel_h is not None
-    if impl == "explicit":
-        attn = (q * scale) @ k.transpose(-2, -1)
-        if use_rel_pos:
-            k_h, k_w = k_size
-            attn = (attn.unflatten(-1, (k_h, k_w)) + rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
-        return attn.softmax(dim=-1) @ v
-    if not use_rel_pos:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if impl == "sdpa_mask":
-        bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if rel_h is not None:
+        k_h, k_w = k_size
+        attn = (attn.unflatten(-1, (k_h, k_w)) + rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
+    return attn.softmax(dim=-1) @ v
 
+
+def _folded_sdpa(q, k, v, rel_h, rel_w, k_size: Tuple[int, int], scale: float) -> torch.Tensor:
+    """The rel-pos bias folded into one fused SDPA call (the fast path off the CPU).
+
+    The bias of key (k, l) is a row term plus a column term, so appending ``rel_h`` and
+    ``rel_w`` to the pre-scaled query and one-hot row / column indicators to the key
+    gives ``q' . k' = scale * q.k + rel_h[k] + rel_w[l]``. The value is zero-padded to
+    the same head size (the fused kernels need equal q / v head sizes; all three go to
+    a multiple of 8), SDPA runs with ``scale=1`` and the padding is dropped. On a CPU
+    the longer head (64 -> 192 for a ViT-B global block at 1024) would triple the GEMM
+    work, hence the tiled kernel there.
+    """
     k_h, k_w = k_size
-    if q.device.type == "cpu":
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_h, rel_w)):
-            return _TiledRelPosAttention.apply(q, k, v, rel_h, rel_w, float(scale))
-        acc = torch.promote_types(q.dtype, torch.float32)
-        q3, k3, v3, rh3, rw3 = (_as_rows(t, acc) for t in (q, k, v, rel_h, rel_w))
-        scale2, rh3, rw3 = _base2(float(scale), rh3, rw3)
-        out, _ = _tiled_forward(q3, k3, v3, rh3, rw3, scale2, want_lse=False)
-        return out.view(*q.shape[:-1], v.shape[-1]).to(q.dtype)
-
-    # impl == "sdpa" off the CPU: fold the bias into q and k.
     head_dim = q.shape[-1]
     extra = k_h + k_w
     pad = (-(head_dim + extra)) % 8
@@ -400,81 +315,38 @@ def attention_rel_pos(
     return out[..., :head_dim]
 
 
-def attention_packed(
+def rel_pos_attention(
     qkv: torch.Tensor,
     rel_pos_h: Optional[torch.Tensor],
     rel_pos_w: Optional[torch.Tensor],
     q_size: Tuple[int, int],
     scale: float,
-    impl: str = "sdpa",
 ) -> torch.Tensor:
-    """:func:`attention_rel_pos` on packed q, k, v, with the rel-pos tables.
+    """Self-attention of packed q, k, v with the decomposed rel-pos bias of a block's tables.
 
     Args:
-        qkv: (3, B, heads, N, head_dim), N = q_h * q_w (:func:`~.token_layout.qkv_to_heads`).
+        qkv: (3, B, heads, N, head_dim), N = q_h * q_w (:func:`maedet.kernels.window_layout.partition_heads`).
         rel_pos_h, rel_pos_w: the block's (L, head_dim) tables, or None (no rel-pos bias).
-        q_size: (q_h, q_w) token grid of one window (self-attention).
+        q_size: (q_h, q_w) token grid of one window.
         scale: multiplier of ``q . k``.
-        impl: one of ``ATTN_IMPLS``; ``"sdpa"`` on CPU runs the tiled kernel on the packed
-            tensor (one gradient tensor for q, k, v), the others unpack it.
     Returns:
         (B, heads, N, head_dim).
     """
-    if impl not in ATTN_IMPLS:
-        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
-    if rel_pos_h is not None and impl == "sdpa" and qkv.device.type == "cpu":
-        q_h, q_w = q_size
-        Rh, Rw = get_rel_pos(q_h, q_h, rel_pos_h), get_rel_pos(q_w, q_w, rel_pos_w)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, Rh, Rw)):
-            return _PackedRelPosAttention.apply(qkv, Rh, Rw, float(scale))
-        out, _ = _packed_forward(qkv, Rh, Rw, float(scale), want_lse=False)
-        return out.view(qkv.shape[1:]).to(qkv.dtype)
+    if fast_enabled():
+        if rel_pos_h is not None and qkv.device.type == "cpu":
+            q_h, q_w = q_size
+            Rh, Rw = get_rel_pos(q_h, q_h, rel_pos_h), get_rel_pos(q_w, q_w, rel_pos_w)
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, Rh, Rw)):
+                return _PackedRelPosAttention.apply(qkv, Rh, Rw, float(scale))
+            out, _ = _packed_forward(qkv, Rh, Rw, float(scale), want_lse=False)
+            return out.view(qkv.shape[1:]).to(qkv.dtype)
+        q, k, v = qkv.unbind(0)
+        if rel_pos_h is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        rel_h, rel_w = get_decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, q_size)
+        return _folded_sdpa(q, k, v, rel_h, rel_w, q_size, scale)
     q, k, v = qkv.unbind(0)
     rel_h = rel_w = None
     if rel_pos_h is not None:
         rel_h, rel_w = get_decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, q_size)
-    return attention_rel_pos(q, k, v, rel_h, rel_w, q_size, scale, impl)
-
-
-def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
-    """Split a token grid into non-overlapping windows, zero-padding if needed.
-
-    Args:
-        x: (B, H, W, C) token grid.
-        window_size: window side length ``ws``.
-    Returns:
-        windows: (B * num_windows, ws, ws, C), windows in row-major order per image.
-        (Hp, Wp): padded grid size (multiples of ``ws``), needed to undo the partition.
-    """
-    B, H, W, C = x.shape
-    pad_h = (window_size - H % window_size) % window_size
-    pad_w = (window_size - W % window_size) % window_size
-    if pad_h > 0 or pad_w > 0:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    Hp, Wp = H + pad_h, W + pad_w
-    x = x.view(B, Hp // window_size, window_size, Wp // window_size, window_size, C)
-    windows = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, C)
-    return windows, (Hp, Wp)
-
-
-def window_unpartition(
-    windows: torch.Tensor, window_size: int, pad_hw: Tuple[int, int], hw: Tuple[int, int]
-) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: reassemble windows and drop the padding.
-
-    Args:
-        windows: (B * num_windows, ws, ws, C).
-        window_size: ``ws``.
-        pad_hw: (Hp, Wp) padded grid size returned by :func:`window_partition`.
-        hw: (H, W) original grid size.
-    Returns:
-        (B, H, W, C) token grid.
-    """
-    Hp, Wp = pad_hw
-    H, W = hw
-    B = windows.shape[0] // (Hp * Wp // window_size // window_size)
-    x = windows.view(B, Hp // window_size, Wp // window_size, window_size, window_size, -1)
-    x = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(B, Hp, Wp, -1)
-    if Hp > H or Wp > W:
-        x = x[:, :H, :W, :].contiguous()
-    return x
+    return attention_reference(q, k, v, rel_h, rel_w, q_size, scale)
