@@ -4,11 +4,9 @@ Modes (``train.amp`` in configs, ``--amp`` of the tools):
 
 - ``auto``: bf16 on a CUDA GPU that supports it (Ampere and newer), fp16 with
   loss scaling on older GPUs, full precision on CPU. bf16 on CPU pays only
-  where the CPU has native bf16 arithmetic (AVX512-BF16 / AMX): the MAE ViT-B
-  step ran 1.8x faster with it on such a CPU (docs/BENCHMARKS.md), while CPUs
-  without it emulate bf16 (convolutions up to ~100x slower than fp32; a
-  warning says so); so on CPU it is asked for with ``bf16``, not chosen
-  silently;
+  where the CPU has native bf16 arithmetic (AVX512-BF16 / AMX), while CPUs
+  without it emulate bf16 (convolutions many times slower than fp32; a warning
+  says so); so on CPU it is asked for with ``bf16``, not chosen silently;
 - ``bf16``: bf16 autocast (CPU or a GPU with bf16 support);
 - ``fp16``: fp16 autocast with a gradient scaler (meant for GPUs; torch runs
   it on CPU too);
@@ -44,8 +42,6 @@ _warned_cpu_bf16 = False
 
 
 def _warn_cpu_bf16(key: str) -> None:
-    # Measured on a 2-core AVX2 CPU (docs/BENCHMARKS.md): one 3x3 convolution, 256
-    # channels on 128 x 128, 1 thread: 0.44 s in fp32, 81.6 s in bf16.
     global _warned_cpu_bf16
     if _warned_cpu_bf16:
         return

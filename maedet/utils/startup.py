@@ -5,12 +5,10 @@ its first allocation, which happens while torch is being imported.
 
 Huge pages for large CPU tensors. By default every CPU tensor of more than a few MB
 is a fresh ``mmap`` whose 4 KB pages are each faulted in, and zeroed by the kernel, on
-first touch, then unmapped again when the tensor is freed. A ViT-B Mask R-CNN training
-step at 1024 x 1024 takes about 1.4 million such faults on CPU (several seconds of a
-one-minute step on a 2-core machine). With ``THP_MEM_ALLOC_ENABLE=1`` torch aligns
+first touch, then unmapped again when the tensor is freed; a ViT-B training step takes
+over a million such faults. With ``THP_MEM_ALLOC_ENABLE=1`` torch aligns
 allocations of 2 MB and more to 2 MB and advises the kernel to back them with
-transparent huge pages: one fault per 2 MB instead of 512. docs/BENCHMARKS.md ("Page
-faults and huge pages") has the measurements. Nothing changes where the kernel's
+transparent huge pages: one fault per 2 MB instead of 512. Nothing changes where the kernel's
 transparent huge pages are disabled (``/sys/kernel/mm/transparent_hugepage/enabled``
 set to ``never``), and a value the user has set (``THP_MEM_ALLOC_ENABLE=0`` to opt out)
 is kept.
