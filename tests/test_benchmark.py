@@ -234,9 +234,7 @@ def test_ddp_allreduce_two_processes(tmp_path):
 
 # ------------------------------------------------------------------ reference mode
 def test_reference_mode_says_plainly_when_detectron2_is_missing(tool, capsys):
-    from maedet.benchmark import reference
-
-    reason = reference.detectron2_status()
+    reason = tool._sibling("benchmark_detectron2").detectron2_status()
     if reason is None:
         pytest.skip("detectron2 is importable here: the reference mode runs (docs/BENCHMARKS.md)")
     code = tool.main(["--config", DET, "--task", "reference", "--iters", "1", "--warmup", "0"])
@@ -349,7 +347,7 @@ def test_product_time_splits_the_run_between_products_and_the_rest():
 
 
 def test_reference_table_sets_the_flops_against_the_gemm_rate():
-    from maedet.benchmark.reference import format_comparison
+    format_comparison = _load_tool()._sibling("benchmark_detectron2").format_comparison
 
     rate = 100e9
     results = [

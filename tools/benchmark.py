@@ -12,12 +12,12 @@ Tasks:
             threshold 0, 100 detections per image): s/image, images/s, detections, peak memory
   data      the training data pipeline alone (decode + augment + collate) with --workers W: images/s;
             with detectron2's data code importable, also one worker's mapping against detectron2's
-            DatasetMapper on the same images (images/s, peak memory; maedet/benchmark/data_reference.py)
+            DatasetMapper on the same images (images/s, peak memory; tools/benchmark_detectron2_data.py)
   ddp       DistributedDataParallel's gradient all-reduce for the config's model with --procs P
             processes (gloo on CPU, NCCL on CUDA); e.g. --compare train.ddp_grad_compression=none,bf16
   reference the same detector in maedet and in detectron2 (when detectron2 is importable), interleaved
             in this process on the same weights and inputs: training step and inference (see
-            maedet/benchmark/reference.py and docs/BENCHMARKS.md)
+            tools/benchmark_detectron2.py and docs/BENCHMARKS.md)
 
 Examples:
   python tools/benchmark.py --config configs/mae/mae_vit_base_patch16.yaml --task pretrain \\
@@ -47,6 +47,8 @@ model FLOP utilization = 2 x flops x (3 training, 1 inference) / time / peak.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import itertools
 import json
 import os
@@ -78,6 +80,18 @@ def is_pretrain_config(path: str) -> bool:
     for _, part in load_yaml_with_bases(path):
         keys.update((part.get("model") or {}).keys())
     return "backbone" not in keys and "decoder_depth" in keys
+
+
+@functools.cache
+def _sibling(name: str) -> Any:
+    """A module of tools/ beside this file (the detectron2 comparisons live there, outside
+    the installed library, and import detectron2 only when run)."""
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_cfg(args, overrides: Sequence[str]) -> Tuple[Any, str]:
@@ -344,7 +358,7 @@ def run_ddp(args) -> List[Dict[str, Any]]:
 # ----------------------------------------------------------------------------- output
 def run_reference(args, cfg: Any, device: torch.device) -> Any:
     """Timing interleaved in this process; peak memory of each framework and task in a fresh one."""
-    from maedet.benchmark import reference
+    reference = _sibling("benchmark_detectron2")
 
     amp = resolve_amp(cfg.train.amp, device)
     if args._child:  # one memory measurement: --memory-of FRAMEWORK:TASK
@@ -557,8 +571,7 @@ def main(argv=None) -> int:
         if args.task == "data":
             results = [pipelines.run_data(probe_cfg, kind, args.workers, args.warmup, args.iters, args.decode_images)]
             if kind == "detection" and args.mapper_images > 0:
-                from maedet.benchmark import data_reference
-
+                data_reference = _sibling("benchmark_detectron2_data")
                 why = data_reference.detectron2_data_status()
                 results[0]["detectron2"] = why or data_reference.compare_mappers(
                     probe_cfg, args.mapper_images, args.iters
@@ -585,7 +598,7 @@ def main(argv=None) -> int:
         return 0
     meta["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     if args.task == "reference":
-        from maedet.benchmark import reference
+        reference = _sibling("benchmark_detectron2")
 
         r0 = results[0]
         print(

@@ -1,7 +1,7 @@
 """How a run's time compares with its arithmetic: FLOPs, the machine's GEMM rate, and
 the time spent inside matrix products and convolutions.
 
-Used by ``tools/benchmark.py --task reference --flops`` (:mod:`maedet.benchmark.reference`):
+Used by ``tools/benchmark.py --task reference --flops`` (tools/benchmark_detectron2.py):
 :func:`matmul_flops` counts the FLOPs of every product and convolution of a run,
 :func:`gemm_rate` times this machine's best large product, and :func:`product_time`
 splits a profiled run between the products and everything else.

@@ -145,14 +145,9 @@ def _peak_memory_alone(cfg: Any, framework: str, images: int) -> float:
     """Peak RSS (MB) of mapping ``images`` images with one framework in a fresh process."""
     from omegaconf import OmegaConf
 
-    code = (
-        "import json, sys; from omegaconf import OmegaConf; "
-        "from maedet.benchmark.data_reference import _memory_child; "
-        "print(json.dumps(_memory_child(OmegaConf.create(json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3]))))"
-    )
     cfg_json = json.dumps(OmegaConf.to_container(cfg, resolve=True))
     p = subprocess.run(
-        [sys.executable, "-c", code, cfg_json, framework, str(images)],
+        [sys.executable, os.path.abspath(__file__), cfg_json, framework, str(images)],
         capture_output=True,
         text=True,
         env=dict(os.environ),
@@ -171,3 +166,9 @@ def _memory_child(cfg: Any, framework: str, images: int) -> Dict[str, float]:
         for i in range(min(images, n)):
             fn(i)
     return {"peak_mb": (peak.peak - base) / 2**20}
+
+
+if __name__ == "__main__":  # the fresh process of _peak_memory_alone: CONFIG_JSON FRAMEWORK IMAGES
+    from omegaconf import OmegaConf
+
+    print(json.dumps(_memory_child(OmegaConf.create(json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3]))))
