@@ -244,63 +244,6 @@ def test_reference_mode_says_plainly_when_detectron2_is_missing(tool, capsys):
     assert len(lines) == 1 and "detectron2 is not importable" in lines[0] and "pip install" in lines[0]
 
 
-def test_stage_clock_books_exclusive_forward_times_and_backward_segments():
-    import torch
-
-    from maedet.benchmark.stages import StageClock, backward_stages
-
-    now = [0.0]  # a clock that the modules below advance, and each read by 1 us (so reads are ordered)
-
-    def read():
-        now[0] += 1e-6
-        return now[0]
-
-    class Inner(torch.nn.Module):
-        def forward(self, x):
-            now[0] += 0.05
-            return x * 2
-
-    class Outer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = Inner()
-            self.lin = torch.nn.Linear(4, 4)
-
-        def forward(self, x):
-            now[0] += 0.03
-            return self.lin(self.inner(x))
-
-    model = Outer()
-    clock = StageClock(now=read)
-    clock.wrap(model, "forward", "outer")
-    clock.wrap(model.inner, "forward", "inner")
-    clock.mark_output(model.inner, "inner.out")
-    clock.mark_output(model.lin, "lin.out")
-    clock.enabled = True
-    x = torch.randn(2, 4, requires_grad=True)
-    y = model(x)
-    y.sum().backward()
-    # exclusive: the outer stage does not count the inner one's time
-    assert clock.times["inner"] == pytest.approx(0.05, abs=1e-5)
-    assert clock.times["outer"] == pytest.approx(0.03, abs=1e-5)
-    assert clock.marks["lin.out"] < clock.marks["inner.out"]  # backward runs output-first
-    clock.remove()
-    assert "forward" not in vars(model) and "forward" not in vars(model.inner)
-    clock.reset()
-    model(x).sum().backward()  # unwrapped, unmarked: nothing recorded
-    assert not clock.times and not clock.marks
-    # segments between marks (pyramid outputs, ViT output, block inputs)
-    marks = {"pyramid.out.p2": 1.0, "pyramid.out.p3": 1.5, "vit.out": 2.0, "block1.in": 3.0, "block0.in": 3.5}
-    seg = backward_stages(marks, 0.0, 4.0, ["window", "global"])
-    assert seg == {
-        "bwd: RPN + RoI heads + losses": 1.5,
-        "bwd: pyramid": 0.5,
-        "bwd: ViT global blocks": 1.0,
-        "bwd: ViT window blocks": 0.5,
-        "bwd: embedding, preprocess": 0.5,
-    }
-
-
 def test_matmul_flops_counts_products_and_convolutions_forward_and_backward():
     import torch
 

@@ -369,7 +369,6 @@ def run_reference(args, cfg: Any, device: torch.device) -> Any:
         device,
         args.iters,
         args.warmup,
-        stages=args.stages,
         amp=amp,
         instances=args.instances,
         verbose=args.verbose,
@@ -521,7 +520,6 @@ def parse_args(argv=None):
         action="store_false",
         help="train: skip the automatic act_checkpoint=false,true comparison",
     )
-    p.add_argument("--stages", action="store_true", help="reference: also profile each stage of the step")
     p.add_argument("--instances", type=int, default=2, help="reference: instances in the training image")
     p.add_argument("--no-memory", action="store_true", help="reference: skip the peak-memory processes")
     p.add_argument("--memory-of", default="", help=argparse.SUPPRESS)

@@ -14,9 +14,6 @@ interleaves their runs, so that load changes on the machine hit both alike:
   masks pasted at image resolution (detectron2 ``model.eval()([{"image", "height",
   "width"}])``; maedet :class:`~maedet.inference.Predictor`).
 
-With ``stages=True`` every timed run also records where the time goes (see
-:class:`maedet.benchmark.stages.StageClock`): the forward split into named stages (exclusive times), and
-the backward split at tensor boundaries (RoI + RPN heads, pyramid, every ViT block).
 With ``flops=True``, each framework's matrix products and convolutions are counted
 for one run of each task (:func:`matmul_flops`) and set against the rate of one
 large matrix product on this machine (:func:`gemm_rate`): the time the step would
@@ -43,7 +40,6 @@ import torch
 from torch import nn
 
 from maedet.benchmark.arithmetic import gemm_rate, matmul_flops, product_time
-from maedet.benchmark.stages import POST, StageClock, backward_stages, instrument, stage_order
 from maedet.benchmark.workloads import num_classes, synthetic_detection_batch
 from maedet.builders.model import build_detection_model
 from maedet.checkpoint.formats.detectron2 import maedet_det_to_d2
@@ -181,63 +177,31 @@ def pyramid_difference(model: nn.Module, twin: nn.Module, image: torch.Tensor) -
 class _Side:
     """One framework: its model, optimizer, inputs and step functions."""
 
-    def __init__(
-        self, name: str, model: nn.Module, train_inputs, infer_fn, dtype, clock: Optional[StageClock], context=None
-    ):
+    def __init__(self, name: str, model: nn.Module, train_inputs, infer_fn, dtype, context=None):
         self.name, self.model, self.train_inputs, self.infer_fn = name, model, train_inputs, infer_fn
         self.context = context or contextlib.nullcontext  # e.g. detectron2's EventStorage (its losses log to it)
-        self.dtype, self.clock = dtype, clock
+        self.dtype = dtype
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1)
-        self.kinds = ["window" if blk.window_size > 0 else "global" for blk in model.backbone.net.blocks]
-        self.stage_runs: Dict[str, List[Dict[str, float]]] = {"train": [], "infer": []}
 
     def _autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast("cpu", dtype=self.dtype)
 
-    def _clock_on(self) -> Optional[StageClock]:
-        if self.clock is not None:
-            self.clock.reset()
-            self.clock.enabled = True
-        return self.clock
-
     def train_step(self) -> Dict[str, float]:
         self.model.train()
-        c = self._clock_on()
-        t0 = time.perf_counter()
         with self.context(), self._autocast():
             losses = self.model(*self.train_inputs())
-        loss = sum(losses.values())
-        t_fwd = time.perf_counter()
-        loss.backward()
-        t_bwd = time.perf_counter()
+        sum(losses.values()).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        t_end = time.perf_counter()
-        if c is not None:
-            c.enabled = False
-            stages = {f"fwd: {k}": v for k, v in c.times.items()}
-            stages["fwd: total"] = t_fwd - t0
-            stages.update(backward_stages(c.marks, t_fwd, t_bwd, self.kinds))
-            stages["bwd: total"] = t_bwd - t_fwd
-            stages["optimizer (AdamW)"] = t_end - t_bwd
-            self.stage_runs["train"].append(stages)
         return {k: float(v) for k, v in losses.items()}
 
     @torch.no_grad()
     def infer_step(self) -> int:
         self.model.eval()
-        c = self._clock_on()
-        t0 = time.perf_counter()
         with self._autocast():
-            n = self.infer_fn()
-        if c is not None:
-            c.enabled = False
-            stages = {f"infer: {k}": v for k, v in c.times.items()}
-            stages["infer: total"] = time.perf_counter() - t0
-            self.stage_runs["infer"].append(stages)
-        return n
+            return self.infer_fn()
 
 
 def _d2_train_inputs(images, targets):
@@ -256,7 +220,7 @@ def _d2_train_inputs(images, targets):
 
 
 def _build_sides(
-    cfg: Any, amp: str, instances: int, stages: bool, frameworks: Sequence[str] = FRAMEWORKS
+    cfg: Any, amp: str, instances: int, frameworks: Sequence[str] = FRAMEWORKS
 ) -> Tuple[List[_Side], Dict[str, Any]]:
     """The two frameworks on the same weights and inputs (only those in ``frameworks``)."""
     from detectron2.utils.events import EventStorage
@@ -286,9 +250,6 @@ def _build_sides(
     dtype = amp_dtype(amp, torch.device("cpu"))
     sides = []
     if "detectron2" in frameworks:
-        clock = StageClock() if stages else None
-        if clock is not None:
-            instrument(clock, twin, "detectron2")
         sides.append(
             _Side(
                 "detectron2",
@@ -296,18 +257,13 @@ def _build_sides(
                 lambda: (_d2_train_inputs(images, targets),),
                 d2_infer,
                 dtype,
-                clock,
                 context=lambda: EventStorage(0),
             )
         )
     else:
         del twin
     if "maedet" in frameworks:
-        clock = StageClock() if stages else None
-        if clock is not None:
-            instrument(clock, model, "maedet")
-            clock.wrap(predictor, "_convert", POST)
-        sides.append(_Side("maedet", model, lambda: (images, targets), maedet_infer, dtype, clock))
+        sides.append(_Side("maedet", model, lambda: (images, targets), maedet_infer, dtype))
     else:
         del model, predictor
     gc.collect()
@@ -319,7 +275,7 @@ def _check_available(device: torch.device) -> None:
     if reason:
         raise ReferenceUnavailable(reason)
     if device.type != "cpu":
-        raise ReferenceUnavailable("the reference mode runs on CPU (stage timing reads the clock unsynchronized)")
+        raise ReferenceUnavailable("the reference mode runs on CPU (its clock reads are unsynchronized)")
 
 
 def compare(
@@ -327,7 +283,6 @@ def compare(
     device: torch.device,
     iters: int,
     warmup: int,
-    stages: bool = False,
     amp: str = "off",
     instances: int = 2,
     verbose: bool = False,
@@ -345,8 +300,7 @@ def compare(
 
     Returns one result dict per (framework, task) with the median wall time, the
     median of the minor page faults per run (``page_faults``: the process's
-    ``ru_minflt`` across the run) and, with ``stages``, the median time of every
-    stage. Memory is measured apart, one framework per fresh process
+    ``ru_minflt`` across the run). Memory is measured apart, one framework per fresh process
     (:func:`peak_memory`): in one process, memory the first framework freed stays
     mapped and the second reuses it unseen.
 
@@ -356,7 +310,7 @@ def compare(
     machine's GEMM rate is measured (:func:`gemm_rate`; ``gemm_flop_s``).
     """
     _check_available(device)
-    sides, info = _build_sides(cfg, amp, instances, stages)
+    sides, info = _build_sides(cfg, amp, instances)
     rec = {(s.name, task): {"wall": [], "faults": [], "out": None} for s in sides for task in TASKS}
     try:
         for task in TASKS:
@@ -377,26 +331,18 @@ def compare(
                     if r >= warmup:
                         rec[(s.name, task)]["wall"].append(wall)
                         rec[(s.name, task)]["faults"].append(faults)
-                    else:
-                        s.stage_runs[task].clear()  # warm-up runs are not profiled
                     rec[(s.name, task)]["out"] = out
         counted: Dict[Tuple[str, str], float] = {}
         split: Dict[Tuple[str, str], Dict[str, float]] = {}
         if flops:
             for s in sides:
-                clock, s.clock = s.clock, None  # the counted runs stay out of the stage medians
-                try:
-                    for task in TASKS:
-                        run = s.train_step if task == "train" else s.infer_step
-                        counted[(s.name, task)] = matmul_flops(run)
-                        split[(s.name, task)] = product_time(run)
-                finally:
-                    s.clock = clock
+                for task in TASKS:
+                    run = s.train_step if task == "train" else s.infer_step
+                    counted[(s.name, task)] = matmul_flops(run)
+                    split[(s.name, task)] = product_time(run)
             rate = gemm_rate()
     finally:
-        for s in sides:
-            if s.clock is not None:
-                s.clock.remove()
+        gc.collect()
     results = []
     for s in sides:
         for task in ("train", "infer"):
@@ -415,10 +361,6 @@ def compare(
             if counted:
                 entry["flops"], entry["gemm_flop_s"] = counted[(s.name, task)], rate
                 entry.update(split[(s.name, task)])
-            runs = s.stage_runs[task]
-            if runs:
-                keys = sorted({k for run in runs for k in run})
-                entry["stages_s"] = {k: median([run.get(k, 0.0) for run in runs]) for k in keys}
             results.append(entry)
     return results
 
@@ -434,7 +376,7 @@ def peak_memory(cfg: Any, framework: str, task: str, amp: str = "off", instances
     _check_available(torch.device("cpu"))
     if framework not in FRAMEWORKS or task not in ("train", "infer"):
         raise ValueError(f"framework must be one of {FRAMEWORKS} and task train or infer, got {framework}, {task}")
-    (side,), _ = _build_sides(cfg, amp, instances, stages=False, frameworks=(framework,))
+    (side,), _ = _build_sides(cfg, amp, instances, frameworks=(framework,))
     gc.collect()
     before = rss_bytes()
     max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -506,13 +448,4 @@ def format_comparison(results: List[Dict[str, Any]]) -> List[str]:
             f"| rate achieved in the products (GFLOP/s) | {d['flops'] / d['products_s'] / 1e9:.0f} | "
             f"{m['flops'] / m['products_s'] / 1e9:.0f} | |"
         )
-    for task in ("train", "infer"):
-        d, m = by[("detectron2", task)].get("stages_s"), by[("maedet", task)].get("stages_s")
-        if not d or not m:
-            continue
-        lines += ["", f"| {task} stage (s, median) | detectron2 | maedet | ratio |", "| --- | --- | --- | --- |"]
-        for k in stage_order(set(d) | set(m)):
-            dv, mv = d.get(k, 0.0), m.get(k, 0.0)
-            ratio = f"{mv / dv:.2f}x" if dv > 1e-4 else "-"
-            lines.append(f"| {k} | {dv:.3f} | {mv:.3f} | {ratio} |")
     return lines
