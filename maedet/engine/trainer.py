@@ -20,14 +20,12 @@ import json
 import logging
 import math
 import os
-import random
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -36,7 +34,9 @@ from tqdm import tqdm
 from maedet.checkpoint.checkpointer import Checkpointer
 from maedet.engine.ddp import check_grad_compression, wrap_ddp
 from maedet.engine.events import MetricsWriter
+from maedet.engine.rng import get_rng_state, set_rng_state
 from maedet.engine.schedule import LRSchedule
+from maedet.engine.signals import StopSignals
 from maedet.engine.steps import unwrap_model
 from maedet.utils import distributed as du
 from maedet.utils.amp import amp_dtype, autocast, resolve_amp
@@ -44,43 +44,12 @@ from maedet.utils.errors import ConfigError, TrainingError
 from maedet.utils.fileio import atomic_write_text
 from maedet.utils.logger import format_seconds
 
-__all__ = ["Trainer", "DDPOptions", "HookBase", "FINISHED_MARKER", "get_rng_state", "set_rng_state", "unwrap_model"]
+__all__ = ["Trainer", "DDPOptions", "HookBase", "FINISHED_MARKER", "unwrap_model"]
 
 # The file a run writes into its output dir once training and its final steps are done.
 FINISHED_MARKER = "finished.json"
 
 logger = logging.getLogger("maedet")
-
-
-def get_rng_state() -> Dict[str, Any]:
-    """This process's RNG states in a form ``torch.load(weights_only=True)`` accepts."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {
-            "name": name,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = state["numpy"]
-    np.random.set_state(
-        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached"])
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class HookBase:
@@ -210,7 +179,7 @@ class Trainer:
         self.samples_seen = 0
         self.skipped_steps = 0
         self.last_losses: Dict[str, float] = {}
-        self._stop_signal: Optional[int] = None
+        self.signals = StopSignals()
         # True when train() found the run already complete (trained and its after-train
         # hooks done, e.g. the final evaluation): nothing was run again
         self.was_finished = False
@@ -274,11 +243,6 @@ class Trainer:
             g["lr"] = self.peak_lr * mult * g.get("lr_scale", 1.0)
         return self.peak_lr * mult
 
-    def _on_signal(self, signum, frame):
-        self._stop_signal = signum
-        if signum == signal.SIGINT:  # a second Ctrl-C stops at once, saving nothing more
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
     def _agree(self, flags: List[float]) -> List[float]:
         """Max of small per-rank flags across ranks (so all ranks take the same branch)."""
         if du.get_world_size() == 1:
@@ -305,26 +269,20 @@ class Trainer:
             self.was_finished = True
             return
         self.metrics = MetricsWriter(self.output_dir, start_iter=self.iter, enabled=du.is_main_process())
-        prev_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.signals = StopSignals()
         try:
-            for sig in prev_handlers:
-                signal.signal(sig, self._on_signal)
-        except ValueError:  # not in the main thread
-            prev_handlers = {}
-        try:
-            for h in self.hooks:
-                h.before_train(self)
-            if self.iter < self.max_iter:
-                self._loop()
-            if self._stop_signal is None:
+            with self.signals:
+                for h in self.hooks:
+                    h.before_train(self)
+                if self.iter < self.max_iter:
+                    self._loop()
+            if self.signals.received is None:
                 for h in self.hooks:
                     h.after_train(self)
                 if du.is_main_process():
                     atomic_write_text(self.finished_marker, json.dumps({"iter": self.iter, "max_iter": self.max_iter}))
                 du.synchronize()
         finally:
-            for sig, handler in prev_handlers.items():
-                signal.signal(sig, handler)
             self.metrics.close()
 
     def _loop(self) -> None:
@@ -435,28 +393,32 @@ class Trainer:
             self.last_losses = losses_sum
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses_sum.values()):.4f}", lr=f"{lr:.2e}", refresh=False)
-            stop_flag = self._agree([1.0 if self._stop_signal is not None else 0.0])[0]
+            stop_flag = self._agree([1.0 if self.signals.received is not None else 0.0])[0]
 
             if self.iter % self.log_period == 0 or self.iter == self.max_iter or stop_flag:
                 self._log(losses_sum, lr, start_iter, t_start, window_start, window_iters, data_time)
                 window_start, window_iters, data_time = time.perf_counter(), 0, 0.0
             if stop_flag:
-                self._stop_signal = self._stop_signal or signal.SIGTERM
-                name = "Ctrl-C (SIGINT)" if self._stop_signal == signal.SIGINT else "SIGTERM"
-                logger.warning(
-                    f"received {name}: saving a checkpoint at iteration {self.iter} and exiting; "
-                    "rerun with --resume to continue"
-                )
-                self.save_checkpoint()
-                logger.warning(
-                    f"checkpoint {os.path.join(self.output_dir, f'model_{self.iter:07d}.pth')} written; continue "
-                    f"with the same command and --resume (output dir {self.output_dir})"
-                )
-                raise SystemExit(130 if self._stop_signal == signal.SIGINT else 143)
+                self._stop_on_signal()
             if self.checkpoint_period > 0 and self.iter % self.checkpoint_period == 0 and self.iter < self.max_iter:
                 self.save_checkpoint()
             for h in self.hooks:
                 h.after_step(self)
+
+    def _stop_on_signal(self) -> None:
+        """A signal reached this process or another: checkpoint here, then exit with its code."""
+        if self.signals.received is None:  # another process got it
+            self.signals.received = signal.SIGTERM
+        logger.warning(
+            f"received {self.signals.name}: saving a checkpoint at iteration {self.iter} and exiting; "
+            "rerun with --resume to continue"
+        )
+        self.save_checkpoint()
+        logger.warning(
+            f"checkpoint {os.path.join(self.output_dir, f'model_{self.iter:07d}.pth')} written; continue "
+            f"with the same command and --resume (output dir {self.output_dir})"
+        )
+        raise SystemExit(self.signals.exit_code)
 
     def _log(
         self,
