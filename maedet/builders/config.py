@@ -37,6 +37,8 @@ logger = logging.getLogger("maedet")
 
 def _import_components() -> None:
     """Import the packages whose modules register the built-in components."""
+    import maedet.data.repeat_factor  # noqa: F401
+    import maedet.data.samplers  # noqa: F401
     import maedet.data.transforms  # noqa: F401
     import maedet.models  # noqa: F401
 

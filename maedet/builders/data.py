@@ -18,7 +18,7 @@ from maedet.data.loaders import build_detection_test_loader, build_detection_tra
 from maedet.data.transforms import build_mae_transform
 from maedet.utils import distributed as du
 from maedet.utils.errors import ConfigError, MaedetError
-from maedet.utils.registry import PIPELINES
+from maedet.utils.registry import PIPELINES, SAMPLERS
 
 __all__ = [
     "build_pipeline",
@@ -110,14 +110,32 @@ def build_pretrain_dataset(d: Any, check: Optional[bool] = None) -> ImageFolderD
 
 
 def build_train_loader_fn(
-    dataset: Dataset, collate: str, batch_size: int, train_cfg: Any, device: torch.device
+    dataset: Dataset,
+    collate: str,
+    batch_size: int,
+    train_cfg: Any,
+    device: torch.device,
+    sampler: Optional[Any] = None,
 ) -> Callable[[int], Any]:
-    """``loader_fn(start_sample)`` for the trainer: the endless, seeded loader from a stream position."""
+    """``loader_fn(start_sample)`` for the trainer: the endless, seeded loader from a stream position.
+
+    ``sampler``: a ``{name, **kwargs}`` section (``data.train.sampler``) naming a
+    registered training sampler (:data:`SAMPLERS`); None: every image once per epoch.
+    """
     build = {"pretrain": build_pretrain_loader, "detection": build_detection_train_loader}[collate]
+    section = section_dict(sampler) if sampler is not None else {"name": "infinite"}
+    name = section.pop("name")
+    make_sampler = SAMPLERS.get(name)
 
     def loader_fn(start: int):
+        supplied = dict(seed=train_cfg.seed, rank=du.get_rank(), world_size=du.get_world_size(), start=start)
+        try:
+            stream = make_sampler(dataset=dataset, **supplied, **section)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"data.train.sampler (training sampler '{name}'): {e}") from e
         return build(
             dataset,
+            sampler=stream,
             batch_size=batch_size,
             num_workers=train_cfg.num_workers,
             seed=train_cfg.seed,

@@ -39,6 +39,11 @@ def per_process_batch(train_cfg: Any) -> int:
     return train_cfg.batch_size
 
 
+def _sampler_section(cfg: Any, collate: str) -> Any:
+    """``data.train.sampler`` of a detection config (pretraining draws every image once per epoch)."""
+    return cfg.data.train.sampler if collate == "detection" else None
+
+
 def build_trainer(
     cfg: Any,
     model: nn.Module,
@@ -74,7 +79,7 @@ def build_trainer(
     return Trainer(
         model,
         optimizer,
-        build_train_loader_fn(dataset, collate, batch, t, device),
+        build_train_loader_fn(dataset, collate, batch, t, device, sampler=_sampler_section(cfg, collate)),
         loss_fn,
         schedule,
         lr=lr,

@@ -222,6 +222,9 @@ class DatasetSplitConfig:
     # "bitmask" rasterizes every instance at image size first
     mask_format: MaskFormat = "polygon"
     pipeline: Dict[str, Any] = _plugin("lsj")
+    # training: the order images are drawn in ("infinite": each once per epoch;
+    # "repeat_factor": images of rare categories repeated, LVIS's recipe; see maedet.data.samplers)
+    sampler: Dict[str, Any] = _plugin("infinite")
 
 
 @dataclass
@@ -272,5 +275,6 @@ PLUGIN_SECTIONS: Dict[str, tuple] = {
     "model.rpn": ("PROPOSAL_GENERATORS", ()),
     "model.roi_heads": ("ROI_HEADS", ()),
     "data.train.pipeline": ("PIPELINES", ()),
+    "data.train.sampler": ("SAMPLERS", ()),
     "data.test.pipeline": ("PIPELINES", ()),
 }

@@ -388,6 +388,11 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         info["file_path"] = self._path(iid)
         return info
 
+    def image_categories(self, index: int) -> Set[int]:
+        """Category ids of every annotation of item ``index`` (crowd regions included, as
+        detectron2's repeat factors count them)."""
+        return {int(a["category_id"]) for a in self.coco.imgToAnns.get(self.image_ids[index], [])}
+
     def num_instances(self, index: int) -> int:
         """Number of target instances (non-crowd annotations) of item ``index``."""
         return len(self._instances[self.image_ids[index]])

@@ -101,6 +101,7 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     start: int = 0,
+    sampler: Optional[torch.utils.data.Sampler] = None,
     **loader_options: Any,
 ) -> DataLoader:
     """Endless, seeded, resumable training loader (pretraining and detection).
@@ -112,10 +113,13 @@ def build_train_loader(
         seed: run seed (order and augmentations).
         rank, world_size: this process among the data-parallel group.
         start: first global stream position (``iteration * batch_size * world_size``).
+        sampler: the ``(index, sample_seed)`` stream of this process, built for the same
+            ``seed``, ``rank``, ``world_size`` and ``start``; default :class:`InfiniteSampler`.
         loader_options: ``num_workers``, ``pin_memory``, ``persistent_workers``,
             ``prefetch_factor`` of the DataLoader (the last two only with workers).
     """
-    sampler = InfiniteSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size, start=start)
+    if sampler is None:
+        sampler = InfiniteSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size, start=start)
     return torch.utils.data.DataLoader(
         SeededDataset(dataset),
         batch_size=batch_size,

@@ -15,7 +15,9 @@ from typing import Iterator, Tuple
 import numpy as np
 import torch
 
-__all__ = ["InfiniteSampler", "InferenceSampler", "SeededDataset", "position_seed"]
+from maedet.utils.registry import SAMPLERS
+
+__all__ = ["InfiniteSampler", "InferenceSampler", "SeededDataset", "position_seed", "infinite"]
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -89,6 +91,14 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 perm = epoch_permutation(self.size, self.seed, epoch, self.shuffle).tolist()
             yield perm[position % self.size], position_seed(self.seed, position)
             position += self.world_size
+
+
+@SAMPLERS.register("infinite")
+def infinite(
+    dataset: torch.utils.data.Dataset, seed: int, rank: int, world_size: int, start: int, shuffle: bool = True
+) -> InfiniteSampler:
+    """Every image once per epoch, in a seeded order (the default training sampler)."""
+    return InfiniteSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, start=start)
 
 
 class InferenceSampler(torch.utils.data.Sampler):

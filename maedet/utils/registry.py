@@ -96,3 +96,6 @@ ROI_HEADS = Registry("RoI heads", supplied=("input_shape", "num_classes"))
 DETECTORS = Registry("detector", supplied=("backbone", "proposal_generator", "roi_heads"))
 # Data augmentation pipelines: ``fn(**kwargs) -> callable``.
 PIPELINES = Registry("augmentation pipeline")
+# Training samplers: ``fn(dataset=..., seed=..., rank=..., world_size=..., start=..., **kwargs) -> Sampler``
+# yielding ``(index, sample_seed)`` forever (see maedet.data.samplers).
+SAMPLERS = Registry("training sampler", supplied=("dataset", "seed", "rank", "world_size", "start"))
