@@ -191,6 +191,8 @@ def run_detection_training(cfg: Any, device: torch.device, resume: bool = False)
             f"the test set {test_ds.json_file} and the training set {train_ds.json_file} have different categories"
         )
     model = build_detection_model(cfg.model, num_classes)
+    if getattr(model.roi_heads, "use_fed_loss", False):
+        model.roi_heads.set_class_image_counts(train_ds.class_image_counts())
     if cfg.model.weights:
         load_detection_weights(model, cfg.model.weights)
     model.to(device)

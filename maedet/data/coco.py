@@ -393,6 +393,14 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         detectron2's repeat factors count them)."""
         return {int(a["category_id"]) for a in self.coco.imgToAnns.get(self.image_ids[index], [])}
 
+    def class_image_counts(self) -> List[int]:
+        """Per label 1..K, the number of this dataset's images that show the category."""
+        counts = [0] * len(self.cat_ids)
+        for i in range(len(self)):
+            for cat in self.image_categories(i):
+                counts[self.cat_id_to_label[cat] - 1] += 1
+        return counts
+
     def num_instances(self, index: int) -> int:
         """Number of target instances (non-crowd annotations) of item ``index``."""
         return len(self._instances[self.image_ids[index]])

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import _utils as det_utils
 
@@ -151,7 +150,7 @@ class CascadeRoIHeads(StandardRoIHeads):
             if k > 0:
                 boxes = [clip_boxes(b, size) for b, size in zip(boxes, image_sizes)]
             logits, deltas = self._run_stage(features, boxes, k)
-            stage_scores.append(F.softmax(logits.float(), dim=-1))
+            stage_scores.append(self.class_probs(logits))
             refined = self._refine(deltas, boxes, k)
             if k < self.num_stages - 1:
                 boxes = refined

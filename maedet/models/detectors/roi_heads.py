@@ -35,7 +35,14 @@ from .boxes import BoxTransform, clip_boxes, pairwise_iou
 from .poolers import MultiLevelRoIAlign
 from .rpn import box_regression_loss
 
-__all__ = ["BoxPredictor", "StandardRoIHeads", "mask_targets", "fast_rcnn_inference"]
+__all__ = [
+    "BoxPredictor",
+    "StandardRoIHeads",
+    "mask_targets",
+    "fast_rcnn_inference",
+    "federated_loss_classes",
+    "sigmoid_cross_entropy",
+]
 
 Target = Dict[str, torch.Tensor]
 Features = Dict[str, torch.Tensor]  # pyramid level name -> (B, C, H, W)
@@ -95,6 +102,61 @@ def mask_targets(
     return (out >= 0.5).to(torch.float32)
 
 
+def federated_loss_classes(
+    labels: torch.Tensor, num_fed_loss_classes: int, num_classes: int, weight: torch.Tensor
+) -> torch.Tensor:
+    """The classes a federated loss scores: every class among ``labels`` plus negatives drawn
+    with probability ``weight`` (detectron2's ``get_fed_loss_classes``, Zhou et al. 2021).
+
+    Computed in detectron2's class order (foreground ``0..K-1``, background ``K``, so that
+    the draws are detectron2's for the same RNG state). Args: ``labels`` (R,) in 0..K
+    (0 = background); ``weight`` (K,) per-class sampling weights. Returns the classes in
+    detectron2's order: foreground class ``c`` (label ``c + 1``) or ``K`` (background).
+    With fewer classes left to draw than asked for (a dataset of fewer than
+    ``num_fed_loss_classes`` classes), all are scored; detectron2 raises there.
+    """
+    d2_classes = torch.where(labels > 0, labels - 1, torch.full_like(labels, num_classes))
+    unique = torch.unique(d2_classes)
+    prob = unique.new_ones(num_classes + 1).float()
+    prob[-1] = 0
+    if len(unique) < num_fed_loss_classes:
+        prob[:num_classes] = weight.float().clone()
+        prob[unique] = 0
+        wanted = num_fed_loss_classes - len(unique)
+        if wanted > int((prob > 0).sum()):  # fewer classes left than asked for: all of them
+            return torch.cat([unique, torch.nonzero(prob > 0).flatten()])
+        negatives = torch.multinomial(prob, wanted, replacement=False)
+        return torch.cat([unique, negatives])
+    return unique
+
+
+def sigmoid_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    fed_loss_weight: Optional[torch.Tensor] = None,
+    fed_loss_classes: int = 50,
+) -> torch.Tensor:
+    """detectron2's ``sigmoid_cross_entropy_loss``: one binary cross-entropy per foreground
+    class (the background logit is not used), summed and divided by the number of RoIs;
+    with ``fed_loss_weight`` (K,) only the classes :func:`federated_loss_classes` draws count.
+
+    Args: ``logits`` (R, K + 1) background first; ``labels`` (R,) in 0..K.
+    """
+    if logits.numel() == 0:
+        return logits.sum() * 0
+    n, k = logits.shape[0], logits.shape[1] - 1
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 at least (autocast)
+    target = torch.zeros_like(logits, dtype=dtype)
+    target[torch.arange(n, device=logits.device), labels] = 1
+    loss = F.binary_cross_entropy_with_logits(logits[:, 1:].to(dtype), target[:, 1:], reduction="none")
+    if fed_loss_weight is not None:
+        classes = federated_loss_classes(labels, fed_loss_classes, k, fed_loss_weight)
+        mask = loss.new_zeros(k + 1)
+        mask[classes] = 1
+        loss = loss * mask[:k].view(1, k)
+    return loss.sum() / n
+
+
 def fast_rcnn_inference(
     boxes: torch.Tensor,
     scores: torch.Tensor,
@@ -148,6 +210,12 @@ class StandardRoIHeads(nn.Module):
         score_thresh, nms_thresh, detections_per_img: inference.
         smooth_l1_beta: box loss; 0 = L1 (ViTDet).
         mask_on: predict masks.
+        use_sigmoid_ce: classify with one sigmoid per class (binary cross-entropy) instead of
+            the softmax; scores are then sigmoids (detectron2's ``use_sigmoid_ce``, LVIS).
+        use_fed_loss: the federated loss (needs ``use_sigmoid_ce``): each step scores the
+            classes present and ``fed_loss_num_classes`` in all, the others drawn with
+            weights the training set's per-class image counts to the power
+            ``fed_loss_freq_weight_power`` (:meth:`set_class_image_counts`).
     """
 
     def __init__(
@@ -172,8 +240,19 @@ class StandardRoIHeads(nn.Module):
         detections_per_img: int = 100,
         smooth_l1_beta: float = 0.0,
         mask_on: bool = True,
+        use_sigmoid_ce: bool = False,
+        use_fed_loss: bool = False,
+        fed_loss_num_classes: int = 50,
+        fed_loss_freq_weight_power: float = 0.5,
     ):
         super().__init__()
+        if use_fed_loss and not use_sigmoid_ce:
+            raise ValueError("use_fed_loss=True needs use_sigmoid_ce=True (the federated loss is a sigmoid loss)")
+        check_positive(fed_loss_num_classes=fed_loss_num_classes)
+        self.use_sigmoid_ce, self.use_fed_loss = bool(use_sigmoid_ce), bool(use_fed_loss)
+        self.fed_loss_num_classes = int(fed_loss_num_classes)
+        self.fed_loss_freq_weight_power = float(fed_loss_freq_weight_power)
+        self.fed_loss_weight: Optional[torch.Tensor] = None
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 (foreground classes), got {num_classes}")
         check_fractions(
@@ -207,6 +286,17 @@ class StandardRoIHeads(nn.Module):
             nn.init.zeros_(self.mask_predictor.conv5_mask.bias)  # weight: c2_msra_fill already
             nn.init.normal_(self.mask_predictor.mask_fcn_logits.weight, std=0.001)
             nn.init.zeros_(self.mask_predictor.mask_fcn_logits.bias)
+
+    def set_class_image_counts(self, counts: Sequence[int]) -> None:
+        """The training set's number of images per class (labels 1..K), which weight the
+        federated loss's draws (detectron2's ``get_fed_loss_cls_weights``)."""
+        if len(counts) != self.num_classes:
+            raise ValueError(f"{len(counts)} class image counts for {self.num_classes} classes")
+        self.fed_loss_weight = torch.tensor([float(c) for c in counts]) ** self.fed_loss_freq_weight_power
+
+    def class_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(R, K + 1) class probabilities, background first: softmax, or per-class sigmoids."""
+        return logits.float().sigmoid() if self.use_sigmoid_ce else F.softmax(logits.float(), dim=-1)
 
     def _build_box_layers(self, bbox_reg_weights: Sequence[float]) -> None:
         convs, fcs = self.box_head_dims
@@ -256,9 +346,16 @@ class StandardRoIHeads(nn.Module):
         gt_boxes: torch.Tensor,
         box_transform: BoxTransform,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy over all RoIs; L1 on the foreground's deltas (its class's, or the
-        class-agnostic ones), summed and divided by the number of RoIs."""
-        loss_cls = F.cross_entropy(logits.float(), labels)
+        """Cross-entropy over all RoIs (softmax, or sigmoid / federated, see the class); L1 on
+        the foreground's deltas (its class's, or the class-agnostic ones), summed and divided
+        by the number of RoIs."""
+        if self.use_sigmoid_ce:
+            if self.use_fed_loss and self.fed_loss_weight is None:
+                raise RuntimeError("use_fed_loss needs the class image counts: call set_class_image_counts first")
+            weight = self.fed_loss_weight.to(logits.device) if self.use_fed_loss else None
+            loss_cls = sigmoid_cross_entropy(logits, labels, weight, self.fed_loss_num_classes)
+        else:
+            loss_cls = F.cross_entropy(logits.float(), labels)
         fg = torch.where(labels > 0)[0]
         deltas = deltas.reshape(deltas.shape[0], -1, 4)
         cols = labels[fg] if deltas.shape[1] > 1 else torch.zeros_like(fg)
@@ -336,7 +433,7 @@ class StandardRoIHeads(nn.Module):
         """Per-image detections (see :meth:`forward`)."""
         logits, deltas = self.box_predictor(self.box_head(self.box_pooler(features, proposals)))
         n = [len(p) for p in proposals]
-        scores = F.softmax(logits.float(), dim=-1).split(n)
+        scores = self.class_probs(logits).split(n)
         boxes = self.box_transform.apply_deltas(deltas, torch.cat(proposals)).split(n)
         return self.detections(features, boxes, scores, image_sizes)
 
