@@ -24,9 +24,9 @@ import torch
 
 from maedet.checkpoint.formats import detectron2 as d2
 from maedet.checkpoint.formats import mae, maedet, timm
-from maedet.checkpoint.io import atomic_save, load_checkpoint_file
+from maedet.checkpoint.io import atomic_save, checkpoint_object, load_checkpoint_file
 from maedet.checkpoint.report import Report, meta_of, unwrap_state_dict
-from maedet.utils.errors import CheckpointError, ConfigError
+from maedet.utils.errors import ConfigError
 
 __all__ = ["FORMATS", "CONVERSIONS", "ConversionResult", "ConversionOptions", "convert_checkpoint"]
 
@@ -185,13 +185,7 @@ def convert_checkpoint(
         raise ConfigError("only --to timm can write a .safetensors file (the other formats carry metadata)")
     if opt.class_names is not None and dst_format != "maedet-det":
         raise ConfigError("--class-names applies to --to maedet-det only")
-    if isinstance(src, (str, os.PathLike)):
-        source = os.fspath(src)
-        obj = load_checkpoint_file(source, map_location="cpu", weights_only=not trust)
-    else:
-        source, obj = source_name or "<state dict>", src
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"checkpoint {source} is not a dictionary (got {type(obj).__name__})")
+    source, obj = checkpoint_object(src, source_name, trust)
     result = CONVERSIONS[(src_format, dst_format)](obj, Report(source, f"{src_format} -> {dst_format}"), opt)
     if dst is not None:
         path = os.fspath(dst)

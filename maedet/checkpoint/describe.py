@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from maedet.checkpoint.convert import CONVERSIONS
-from maedet.checkpoint.io import load_checkpoint_file
+from maedet.checkpoint.io import checkpoint_object
 from maedet.checkpoint.report import meta_of, unwrap_state_dict
 from maedet.models.backbones.vit import BLOCK_RE
 from maedet.models.pos_embed import count_prefix_tokens
@@ -232,13 +232,7 @@ def describe_checkpoint(src: Any, source: Optional[str] = None, trust: bool = Fa
     Raises:
         CheckpointError: unreadable file (the loader's message), or not a dictionary.
     """
-    if isinstance(src, (str, os.PathLike)):
-        source = os.fspath(src)
-        obj = load_checkpoint_file(source, map_location="cpu", weights_only=not trust)
-    else:
-        source, obj = source or "<state dict>", src
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"checkpoint {source} is not a dictionary (got {type(obj).__name__})")
+    source, obj = checkpoint_object(src, source, trust)
     try:
         state = unwrap_state_dict(obj, source)
     except CheckpointError:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
 
 from maedet.utils.errors import CheckpointError
 from maedet.utils.fileio import atomic_write, disk_full_reason
 
-__all__ = ["atomic_write", "atomic_save", "load_checkpoint_file"]
+__all__ = ["atomic_write", "atomic_save", "load_checkpoint_file", "checkpoint_object"]
 
 
 def _tensor_bytes(obj: Any, seen: Optional[set] = None) -> int:
@@ -120,6 +120,22 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu", weights_only: Opt
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         first = first.split(". ")[0]  # torch's zip reader appends a paragraph of advice
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({first})") from e
+
+
+def checkpoint_object(src: Any, source_name: Optional[str] = None, trust: bool = False) -> Tuple[str, Mapping]:
+    """(name, checkpoint dictionary) of a file path or an already loaded checkpoint object.
+
+    Raises:
+        CheckpointError: unreadable file (see :func:`load_checkpoint_file`), or not a dictionary.
+    """
+    if isinstance(src, (str, os.PathLike)):
+        source = os.fspath(src)
+        obj = load_checkpoint_file(source, map_location="cpu", weights_only=not trust)
+    else:
+        source, obj = source_name or "<state dict>", src
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint {source} is not a dictionary (got {type(obj).__name__})")
+    return source, obj
 
 
 class _RestrictedNumpyUnpickler(pickle.Unpickler):
